@@ -1,0 +1,69 @@
+"""Errors raised by the pool, one hierarchy for every layer below the plugin."""
+
+from __future__ import annotations
+
+
+class PoolError(Exception):
+    """Base of every error the pool raises on purpose.
+
+    The plugin translates it into Snakemake's ``WorkflowError`` and the CLI
+    prints it as one line.
+    """
+
+
+class ConfigError(PoolError):
+    """A setting, credential or requirement is invalid or missing."""
+
+
+class ApiError(PoolError):
+    """The Vast.ai API rejected a call or could not be reached.
+
+    ``instance_id`` is set when the API created an instance despite the error
+    (Vast.ai answers ``success: false`` with ``new_contract`` set when the
+    instance came up stopped), so the caller must destroy it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_code: str | None = None,
+        instance_id: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.instance_id = instance_id
+
+
+class OfferUnavailable(ApiError):
+    """The offer was taken between search and create (``no_such_ask``)."""
+
+
+class NoMatchingOffer(PoolError):
+    """No offer on the market satisfies a job's requirements."""
+
+    def __init__(self, message: str, *, query: str) -> None:
+        super().__init__(message)
+        self.query = query
+
+
+class BootFailed(PoolError):
+    """An instance did not reach ``running`` or could not be prepared."""
+
+    def __init__(self, message: str, *, instance_id: int) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+
+
+class SshError(PoolError):
+    """An SSH connection, command or transfer failed."""
+
+
+class HostKeyMismatch(SshError):
+    """An instance presented a host key other than the one pinned for it."""
+
+
+class PoolDatabaseError(PoolError):
+    """The pool database file is unreadable, corrupt or of a newer schema."""
