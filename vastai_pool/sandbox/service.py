@@ -1,0 +1,138 @@
+"""The ``Sandbox``: a local Vast.ai marketplace with an HTTP API and SSH hosts."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vastai_pool.sandbox.faults import FaultHooks
+from vastai_pool.sandbox.http_api import SandboxHttpServer
+from vastai_pool.sandbox.market import Market
+
+logger = logging.getLogger(__name__)
+
+# Interval of the background thread that moves instance lifecycles forward.
+TICK_SECONDS = 0.1
+
+
+class Sandbox:
+    """A Vast.ai REST API emulator on 127.0.0.1 whose instances are SSH hosts.
+
+    The official ``vastai`` SDK and CLI talk to it through their server URL
+    setting (``server_url=sandbox.url`` or ``--url``). Instances boot over
+    ``boot_seconds``; their home directories live under ``state_dir``
+    (a temporary directory, removed on ``stop``, when none is given).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        port: int = 0,
+        boot_seconds: float = 1.0,
+        state_dir: Path | None = None,
+    ) -> None:
+        if boot_seconds < 0:
+            raise ValueError(f"boot_seconds must be >= 0, got {boot_seconds}")
+        self.api_key = api_key or f"sandbox-{secrets.token_hex(16)}"
+        self._port = port
+        self._owns_state_dir = state_dir is None
+        if state_dir is None:
+            state_dir = Path(tempfile.mkdtemp(prefix="vastai-sandbox-"))
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.market = Market(state_dir=self.state_dir, boot_seconds=boot_seconds)
+        self._server: SandboxHttpServer | None = None
+        self._thread: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
+        self._ticking = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.url = ""
+
+    @property
+    def faults(self) -> FaultHooks:
+        """The fault hooks in effect; assign a ``FaultHooks`` subclass to change."""
+        return self.market.faults
+
+    @faults.setter
+    def faults(self, hooks: FaultHooks) -> None:
+        self.market.faults = hooks
+
+    def start(self) -> Sandbox:
+        """Start serving HTTP on 127.0.0.1 and return self."""
+        if self._server is not None:
+            return self
+        self._server = SandboxHttpServer(
+            ("127.0.0.1", self._port), self.market, self.api_key
+        )
+        port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.market.base_url = self.url
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"sandbox-http-{port}",
+            daemon=True,
+        )
+        self._thread.start()
+        self._ticker = threading.Thread(
+            target=self._tick, name=f"sandbox-tick-{port}", daemon=True
+        )
+        self._ticker.start()
+        logger.info("sandbox: serving the Vast.ai API at %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Destroy every instance, then stop HTTP; safe to call twice."""
+        with self._stop_lock:
+            self._ticking.set()
+            if self._ticker is not None:
+                self._ticker.join(timeout=5)
+                self._ticker = None
+            self.market.destroy_all()
+            if self._server is not None:
+                self._server.shutdown()
+                self._server.server_close()
+                self._server = None
+                logger.info("sandbox: stopped %s", self.url)
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+                self._thread = None
+            if self._owns_state_dir and self.state_dir.exists():
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _tick(self) -> None:
+        while not self._ticking.wait(TICK_SECONDS):
+            try:
+                self.market.advance_all()
+            except Exception:
+                logger.exception("sandbox: advancing the instances failed")
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def ledger(self) -> dict[str, Any]:
+        """Return ``{"rented", "destroyed", "alive": [ids], "billed_usd"}``."""
+        return self.market.ledger()
+
+    def instance_dir(self, instance_id: int) -> Path:
+        """Return the home directory of an instance (alive or destroyed)."""
+        return self.state_dir / "instances" / str(instance_id) / "root"
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Return every offer of the catalog, before storage pricing."""
+        return self.market.catalog()
