@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -47,7 +47,7 @@ ALIVE_STATES = frozenset(
 
 
 class DestroyReason(enum.StrEnum):
-    """Why the pool destroyed an instance or stopped tracking it."""
+    """Reason the pool destroyed an instance or stopped tracking it."""
 
     IDLE_TIMEOUT = "idle_timeout"
     RUN_ENDED = "run_ended"
@@ -68,6 +68,18 @@ class LeaseOutcome(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+def _enum_column(enum_class: type[enum.StrEnum], length: int) -> Enum:
+    # Stored as the plain value in a VARCHAR, without a CHECK constraint, so a
+    # new member needs no migration; rows load as enum members.
+    return Enum(
+        enum_class,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
 class Run(Base):
     """One Snakemake process (or one ``vastai-pool`` command) using the pool."""
 
@@ -83,6 +95,8 @@ class Run(Base):
     ended_at: Mapped[float | None] = mapped_column(Float, default=None)
     budget_usd: Mapped[float | None] = mapped_column(Float, default=None)
     linger_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # Seconds an idle instance of this run stays warm; None when not recorded.
+    idle_timeout_seconds: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class Instance(Base):
@@ -95,7 +109,9 @@ class Instance(Base):
     vast_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
     label: Mapped[str] = mapped_column(String(120), unique=True)
     account: Mapped[str] = mapped_column(String(200), index=True)
-    state: Mapped[InstanceState] = mapped_column(String(16), index=True)
+    state: Mapped[InstanceState] = mapped_column(
+        _enum_column(InstanceState, 16), index=True
+    )
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), default=None)
     offer_id: Mapped[int | None] = mapped_column(Integer, default=None)
     machine_id: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -119,7 +135,7 @@ class Instance(Base):
     idle_since: Mapped[float | None] = mapped_column(Float, default=None)
     destroyed_at: Mapped[float | None] = mapped_column(Float, default=None)
     destroy_reason: Mapped[DestroyReason | None] = mapped_column(
-        String(32), default=None
+        _enum_column(DestroyReason, 32), default=None
     )
     keep: Mapped[bool] = mapped_column(Boolean, default=False)
     # When a lingering idle instance is to be destroyed (epoch seconds).
@@ -145,7 +161,9 @@ class Lease(Base):
     started_at: Mapped[float] = mapped_column(Float)
     heartbeat_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float, default=None)
-    outcome: Mapped[LeaseOutcome | None] = mapped_column(String(16), default=None)
+    outcome: Mapped[LeaseOutcome | None] = mapped_column(
+        _enum_column(LeaseOutcome, 16), default=None
+    )
     exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
@@ -173,8 +191,15 @@ class Event(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[float] = mapped_column(Float, index=True)
     instance_pk: Mapped[int | None] = mapped_column(
-        ForeignKey("instances.pk"), default=None
+        ForeignKey("instances.pk"), default=None, index=True
     )
     run_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    # The new state for a state change, else a short tag of what happened.
     kind: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[InstanceState | None] = mapped_column(
+        _enum_column(InstanceState, 16), default=None
+    )
+    reason: Mapped[DestroyReason | None] = mapped_column(
+        _enum_column(DestroyReason, 32), default=None
+    )
     detail: Mapped[str] = mapped_column(Text, default="")

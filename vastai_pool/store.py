@@ -1,24 +1,54 @@
 """Reads and writes of the pool database; the only module that changes rows.
 
-INTERFACE STUB, to be implemented. Every function takes an open ``Store``.
-Times are epoch seconds from ``Store.clock`` (monkeypatched in tests).
+Every function takes an open ``Store`` and runs in its own transaction;
+writes begin ``IMMEDIATE``, so they hold SQLite's write lock from their
+first statement. Times are epoch seconds from ``Store.clock``
+(monkeypatched in tests).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from sqlalchemy import func, select
+from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.orm import Session
+
+from vastai_pool import db
+from vastai_pool.errors import PoolError
 from vastai_pool.models import (
+    ALIVE_STATES,
     DestroyReason,
+    Event,
     Instance,
+    InstanceFile,
     InstanceState,
     Lease,
     LeaseOutcome,
     Run,
 )
 from vastai_pool.requirements import Hardware, Requirements
+
+logger = logging.getLogger(__name__)
+
+# A run whose heartbeat is older than this is over, even on another host. The
+# pool writes one every 30 s (``vastai_pool.reaper.HEARTBEAT_SECONDS``).
+RUN_STALE_SECONDS = 300.0
+
+_GONE_STATES = frozenset({InstanceState.DESTROYED, InstanceState.LOST})
+# Columns that ``transition`` maintains itself and callers may not set.
+_MANAGED_COLUMNS = frozenset(
+    {"pk", "state", "ready_at", "idle_since", "last_busy_at", "destroyed_at"}
+)
 
 
 def account_id(api_url: str, api_key: str) -> str:
@@ -27,28 +57,52 @@ def account_id(api_url: str, api_key: str) -> str:
     Two API keys, or one key against two API URLs, never share instances.
     The key itself is never stored.
     """
-    raise NotImplementedError
+    digest = hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
+    return f"{normalize_api_url(api_url)}#{digest}"
+
+
+def normalize_api_url(api_url: str) -> str:
+    """Return ``api_url`` with scheme and host in lower case and no trailing ``/``."""
+    parts = urlsplit(api_url.strip())
+    path = parts.path.rstrip("/")
+    return urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), path, parts.query, "")
+    )
 
 
 def default_db_path() -> Path:
     """``$XDG_DATA_HOME/snakemake-vastai/pool.sqlite`` (``~/.local/share`` default)."""
-    raise NotImplementedError
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec says to ignore a relative value.
+    if not data_home or not Path(data_home).is_absolute():
+        data_home = str(Path.home() / ".local" / "share")
+    return Path(data_home) / "snakemake-vastai" / "pool.sqlite"
 
 
 class Store:
     """An open pool database: SQLite in WAL mode, upgraded by Alembic on open.
 
     A corrupt or unreadable file raises ``PoolDatabaseError`` naming the path
-    and what to do; it is never deleted or overwritten.
+    and what to do; it is never deleted or overwritten. Safe to share between
+    threads: each call takes its own connection.
     """
 
     clock: Callable[[], float]
 
     def __init__(self, path: Path) -> None:
-        raise NotImplementedError
+        self.path = Path(path).expanduser()
+        self.clock = time.time
+        self.engine = db.open_engine(self.path)
+        self.sessions = db.Sessions(self.engine, self.path)
 
     def close(self) -> None:
-        raise NotImplementedError
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -72,6 +126,114 @@ class InstanceRecord:
     keep: bool
     linger_until: float | None
     sources: frozenset[str]
+    ready_at: float | None = None
+    last_busy_at: float | None = None
+    destroyed_at: float | None = None
+    destroy_reason: DestroyReason | None = None
+    offer_id: int | None = None
+    machine_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A detached snapshot of a ``runs`` row."""
+
+    id: str
+    account: str
+    workdir: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    ended_at: float | None
+    budget_usd: float | None
+    linger_seconds: float
+    idle_timeout_seconds: float | None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """A detached snapshot of an ``events`` row."""
+
+    id: int
+    at: float
+    instance_pk: int | None
+    run_id: str | None
+    kind: str
+    from_state: InstanceState | None
+    reason: DestroyReason | None
+    detail: str
+
+
+def _instance_record(row: Instance) -> InstanceRecord:
+    return InstanceRecord(
+        pk=row.pk,
+        vast_id=row.vast_id,
+        label=row.label,
+        account=row.account,
+        state=InstanceState(row.state),
+        run_id=row.run_id,
+        image=row.image,
+        extra_query=row.extra_query,
+        hardware=_hardware(row),
+        ssh_host=row.ssh_host,
+        ssh_port=row.ssh_port,
+        host_key=row.host_key,
+        rented_at=row.rented_at,
+        idle_since=row.idle_since,
+        keep=row.keep,
+        linger_until=row.linger_until,
+        sources=frozenset(_split_sources(row.sources)),
+        ready_at=row.ready_at,
+        last_busy_at=row.last_busy_at,
+        destroyed_at=row.destroyed_at,
+        destroy_reason=DestroyReason(row.destroy_reason)
+        if row.destroy_reason
+        else None,
+        offer_id=row.offer_id,
+        machine_id=row.machine_id,
+    )
+
+
+def _hardware(row: Instance) -> Hardware:
+    return Hardware(
+        num_gpus=row.num_gpus,
+        gpu_name=row.gpu_name,
+        cpu_cores_effective=row.cpu_cores_effective,
+        cpu_ram_mb=row.cpu_ram_mb,
+        disk_gb=row.disk_gb,
+        dph_total=row.dph_total,
+        reliability=row.reliability,
+        datacenter=row.datacenter,
+        country=row.country,
+    )
+
+
+def _run_record(row: Run) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        account=row.account,
+        workdir=row.workdir,
+        host=row.host,
+        pid=row.pid,
+        started_at=row.started_at,
+        heartbeat_at=row.heartbeat_at,
+        ended_at=row.ended_at,
+        budget_usd=row.budget_usd,
+        linger_seconds=row.linger_seconds,
+        idle_timeout_seconds=row.idle_timeout_seconds,
+    )
+
+
+def _split_sources(sources: str) -> list[str]:
+    return [checksum for checksum in sources.split() if checksum]
+
+
+def _get_instance_row(session: Session, pk: int) -> Instance:
+    row = session.get(Instance, pk)
+    if row is None:
+        raise PoolError(f"Instance row {pk} not found in the pool database.")
+    return row
 
 
 # Runs ---------------------------------------------------------------------
@@ -84,15 +246,87 @@ def start_run(
     workdir: str,
     budget_usd: float | None,
     linger_seconds: float,
+    idle_timeout: float | None = None,
 ) -> str:
     """Insert a run row for this process (host, pid) and return its id."""
-    raise NotImplementedError
+    now = store.clock()
+    run_id = uuid.uuid4().hex
+    with store.sessions.write() as session:
+        session.add(
+            Run(
+                id=run_id,
+                account=account,
+                workdir=workdir,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=now,
+                heartbeat_at=now,
+                budget_usd=budget_usd,
+                linger_seconds=linger_seconds,
+                idle_timeout_seconds=idle_timeout,
+            )
+        )
+    logger.info("Registered run %s in pool database %s", run_id, store.path)
+    return run_id
 
 
-def heartbeat(store: Store, run_id: str) -> None: ...
+def heartbeat(store: Store, run_id: str) -> None:
+    with store.sessions.write() as session:
+        _get_run_row(session, run_id).heartbeat_at = store.clock()
 
 
-def end_run(store: Store, run_id: str) -> None: ...
+def end_run(store: Store, run_id: str) -> None:
+    with store.sessions.write() as session:
+        row = _get_run_row(session, run_id)
+        if row.ended_at is None:
+            row.ended_at = store.clock()
+
+
+def get_run(store: Store, run_id: str) -> RunRecord:
+    with store.sessions.read() as session:
+        return _run_record(_get_run_row(session, run_id))
+
+
+def list_runs(store: Store, *, account: str | None = None) -> list[RunRecord]:
+    statement = select(Run).order_by(Run.started_at)
+    if account is not None:
+        statement = statement.where(Run.account == account)
+    with store.sessions.read() as session:
+        return [_run_record(row) for row in session.scalars(statement)]
+
+
+def run_is_over(run: RunRecord, now: float) -> bool:
+    """Return whether a run has ended: its ``ended_at`` is set, its process
+    on this host is gone, or its heartbeat is older than ``RUN_STALE_SECONDS``."""
+    if run.ended_at is not None:
+        return True
+    if now - run.heartbeat_at > RUN_STALE_SECONDS:
+        return True
+    return run.host == socket.gethostname() and not _pid_alive(run.pid)
+
+
+def live_run_ids(store: Store) -> set[str]:
+    """Return the ids of runs that are not over (see ``run_is_over``)."""
+    now = store.clock()
+    return {run.id for run in list_runs(store) if not run_is_over(run, now)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The pid exists but belongs to another user.
+        return True
+    return True
+
+
+def _get_run_row(session: Session, run_id: str) -> Run:
+    row = session.get(Run, run_id)
+    if row is None:
+        raise PoolError(f"Run {run_id} not found in the pool database.")
+    return row
 
 
 # Instances ----------------------------------------------------------------
@@ -112,7 +346,42 @@ def record_rental(
     keep: bool,
 ) -> int:
     """Insert an instance in state ``renting`` before the create call; return pk."""
-    raise NotImplementedError
+    now = store.clock()
+    with store.sessions.write() as session:
+        row = Instance(
+            label=label,
+            account=account,
+            state=InstanceState.RENTING,
+            run_id=run_id,
+            offer_id=offer_id,
+            machine_id=machine_id,
+            image=image,
+            extra_query=extra_query,
+            num_gpus=hardware.num_gpus,
+            gpu_name=hardware.gpu_name,
+            cpu_cores_effective=hardware.cpu_cores_effective,
+            cpu_ram_mb=hardware.cpu_ram_mb,
+            disk_gb=hardware.disk_gb,
+            dph_total=hardware.dph_total,
+            reliability=hardware.reliability,
+            datacenter=hardware.datacenter,
+            country=hardware.country,
+            rented_at=now,
+            keep=keep,
+            sources="",
+        )
+        session.add(row)
+        session.flush()
+        session.add(
+            Event(
+                at=now,
+                instance_pk=row.pk,
+                run_id=run_id,
+                kind=InstanceState.RENTING.value,
+                detail=f"renting offer {offer_id} as {label}",
+            )
+        )
+        return row.pk
 
 
 def transition(
@@ -126,32 +395,192 @@ def transition(
 ) -> InstanceRecord:
     """Change an instance's state, set ``fields`` (e.g. ``vast_id``, ``ssh_host``),
     maintain the timestamps (``ready_at``, ``idle_since``, ``last_busy_at``,
-    ``destroyed_at``) and append an event, in one transaction."""
-    raise NotImplementedError
+    ``destroyed_at``) and append an event, in one transaction.
+
+    ``reason`` is stored as ``destroy_reason``; without one an earlier reason
+    is kept. Raises ``PoolError`` when leaving ``destroyed``, which is final.
+    """
+    with store.sessions.write() as session:
+        row = _get_instance_row(session, pk)
+        _apply_transition(session, row, state, store.clock(), why, reason, fields)
+        return _instance_record(row)
 
 
-def get_instance(store: Store, pk: int) -> InstanceRecord: ...
+def claim_for_destroy(
+    store: Store,
+    seen: InstanceRecord,
+    *,
+    why: str,
+    reason: DestroyReason,
+) -> InstanceRecord | None:
+    """Move an instance to ``destroying`` if its state and owning run are
+    still those of ``seen``, and return the new record.
+
+    Return None when another process changed the row meanwhile, for example
+    because a run leased the instance.
+    """
+    with store.sessions.write() as session:
+        row = _get_instance_row(session, seen.pk)
+        if row.state != seen.state or row.run_id != seen.run_id:
+            return None
+        _apply_transition(
+            session, row, InstanceState.DESTROYING, store.clock(), why, reason, {}
+        )
+        return _instance_record(row)
+
+
+def _apply_transition(
+    session: Session,
+    row: Instance,
+    state: InstanceState,
+    now: float,
+    why: str,
+    reason: DestroyReason | None,
+    fields: dict[str, object],
+) -> None:
+    previous = InstanceState(row.state)
+    if previous is InstanceState.DESTROYED and state is not InstanceState.DESTROYED:
+        raise PoolError(
+            f"Instance {row.label} (Vast.ai id {row.vast_id}) is already destroyed "
+            f"and cannot become {state.value}."
+        )
+    for name, value in fields.items():
+        if name in _MANAGED_COLUMNS or name not in Instance.__table__.columns:
+            raise TypeError(f"transition() cannot set instance column {name!r}")
+        setattr(row, name, value)
+
+    if state is InstanceState.IDLE:
+        if row.ready_at is None:
+            row.ready_at = now
+        if previous is not InstanceState.IDLE:
+            row.idle_since = now
+    else:
+        row.idle_since = None
+    if previous is InstanceState.BUSY and state is not InstanceState.BUSY:
+        row.last_busy_at = now
+    if state in _GONE_STATES and row.destroyed_at is None:
+        row.destroyed_at = now
+    if reason is not None:
+        row.destroy_reason = reason
+    row.state = state
+
+    session.add(
+        Event(
+            at=now,
+            instance_pk=row.pk,
+            run_id=row.run_id,
+            kind=state.value,
+            from_state=previous,
+            reason=reason,
+            detail=why,
+        )
+    )
+    logger.debug(
+        "Instance %s (Vast.ai id %s): %s -> %s, %s",
+        row.label,
+        row.vast_id,
+        previous.value,
+        state.value,
+        why,
+    )
+
+
+def get_instance(store: Store, pk: int) -> InstanceRecord:
+    with store.sessions.read() as session:
+        return _instance_record(_get_instance_row(session, pk))
 
 
 def list_instances(
     store: Store, *, account: str | None = None, include_destroyed: bool = False
-) -> list[InstanceRecord]: ...
+) -> list[InstanceRecord]:
+    """Return instances by rental time; without ``include_destroyed`` only
+    the alive ones (every state but ``destroyed`` and ``lost``)."""
+    statement = select(Instance).order_by(Instance.rented_at, Instance.pk)
+    if account is not None:
+        statement = statement.where(Instance.account == account)
+    if not include_destroyed:
+        statement = statement.where(Instance.state.in_(sorted(ALIVE_STATES)))
+    with store.sessions.read() as session:
+        return [_instance_record(row) for row in session.scalars(statement)]
+
+
+def job_counts(store: Store, pks: Iterable[int]) -> dict[int, int]:
+    """Return {instance pk: number of leases it ever had} for ``pks``."""
+    requested = list(pks)
+    counts = dict.fromkeys(requested, 0)
+    statement = (
+        select(Lease.instance_pk, func.count(Lease.id))
+        .where(Lease.instance_pk.in_(requested))
+        .group_by(Lease.instance_pk)
+    )
+    with store.sessions.read() as session:
+        for pk, count in session.execute(statement):
+            counts[pk] = count
+    return counts
+
+
+def instance_events(store: Store, pk: int) -> list[EventRecord]:
+    """Return the events of one instance, oldest first."""
+    statement = select(Event).where(Event.instance_pk == pk).order_by(Event.id)
+    with store.sessions.read() as session:
+        return [
+            EventRecord(
+                id=row.id,
+                at=row.at,
+                instance_pk=row.instance_pk,
+                run_id=row.run_id,
+                kind=row.kind,
+                from_state=InstanceState(row.from_state) if row.from_state else None,
+                reason=DestroyReason(row.reason) if row.reason else None,
+                detail=row.detail,
+            )
+            for row in session.scalars(statement)
+        ]
 
 
 def mark_sources(store: Store, pk: int, checksum: str) -> None:
     """Record that a source archive is unpacked on the instance."""
+    with store.sessions.write() as session:
+        row = _get_instance_row(session, pk)
+        checksums = _split_sources(row.sources)
+        if checksum not in checksums:
+            row.sources = " ".join([*checksums, checksum])
 
 
 def record_files(store: Store, pk: int, files: Iterable[tuple[str, int, str]]) -> None:
     """Upsert (path, size, sha256) rows of files now present on the instance."""
+    values = [
+        {"instance_pk": pk, "path": path, "size": size, "sha256": sha256}
+        for path, size, sha256 in files
+    ]
+    if not values:
+        return
+    statement = insert(InstanceFile).values(values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[InstanceFile.instance_pk, InstanceFile.path],
+        set_={"size": statement.excluded.size, "sha256": statement.excluded.sha256},
+    )
+    with store.sessions.write() as session:
+        session.execute(statement)
 
 
 def files_on(store: Store, pk: int) -> dict[str, tuple[int, str]]:
     """Return {path: (size, sha256)} of what the instance holds."""
-    raise NotImplementedError
+    with store.sessions.read() as session:
+        return _files_on(session, pk)
 
 
-def count_alive(store: Store, account: str) -> int: ...
+def _files_on(session: Session, pk: int) -> dict[str, tuple[int, str]]:
+    statement = select(InstanceFile).where(InstanceFile.instance_pk == pk)
+    return {row.path: (row.size, row.sha256) for row in session.scalars(statement)}
+
+
+def count_alive(store: Store, account: str) -> int:
+    statement = select(func.count(Instance.pk)).where(
+        Instance.account == account, Instance.state.in_(sorted(ALIVE_STATES))
+    )
+    with store.sessions.read() as session:
+        return session.scalar(statement) or 0
 
 
 # Leases -------------------------------------------------------------------
@@ -172,15 +601,82 @@ def lease_idle(
     account that matches (hardware, image, identical extra query), preferring
     the one already holding most input bytes with the same sha256, then the
     cheapest; mark it busy, insert a lease (``warm`` true) and return
-    (instance, lease id). Return None when none matches."""
-    raise NotImplementedError
+    (instance, lease id). Return None when none matches.
+
+    The leasing run becomes the instance's owner, and a linger deadline set
+    by an earlier run is cleared.
+    """
+    statement = select(Instance).where(
+        Instance.account == account,
+        Instance.state == InstanceState.IDLE,
+        Instance.image == requirements.image,
+        Instance.extra_query == requirements.extra_query,
+    )
+    with store.sessions.write() as session:
+        candidates = [
+            row
+            for row in session.scalars(statement)
+            if requirements.matches(_hardware(row))
+        ]
+        if not candidates:
+            return None
+
+        def preference(row: Instance) -> tuple[int, float, int]:
+            present = _files_on(session, row.pk)
+            overlap = sum(
+                size
+                for path, (size, sha256) in input_sizes.items()
+                if present.get(path) == (size, sha256)
+            )
+            return (-overlap, row.dph_total, row.pk)
+
+        chosen = min(candidates, key=preference)
+        now = store.clock()
+        chosen.run_id = run_id
+        chosen.linger_until = None
+        lease_id = _insert_lease(
+            session, chosen, run_id, rule, job_id, attempt, warm=True, now=now
+        )
+        return _instance_record(chosen), lease_id
 
 
 def lease_new(
     store: Store, pk: int, *, run_id: str, rule: str, job_id: int, attempt: int
 ) -> int:
     """Insert a lease on a freshly booted instance (``warm`` false) and mark it busy."""
-    raise NotImplementedError
+    with store.sessions.write() as session:
+        row = _get_instance_row(session, pk)
+        return _insert_lease(
+            session, row, run_id, rule, job_id, attempt, warm=False, now=store.clock()
+        )
+
+
+def _insert_lease(
+    session: Session,
+    row: Instance,
+    run_id: str,
+    rule: str,
+    job_id: int,
+    attempt: int,
+    *,
+    warm: bool,
+    now: float,
+) -> int:
+    lease = Lease(
+        instance_pk=row.pk,
+        run_id=run_id,
+        rule=rule,
+        job_id=job_id,
+        attempt=attempt,
+        warm=warm,
+        started_at=now,
+        heartbeat_at=now,
+    )
+    session.add(lease)
+    session.flush()
+    why = f"leased to rule {rule} job {job_id} attempt {attempt} (lease {lease.id})"
+    _apply_transition(session, row, InstanceState.BUSY, now, why, None, {})
+    return lease.id
 
 
 def end_lease(
@@ -192,25 +688,75 @@ def end_lease(
     instance_state: InstanceState,
 ) -> None:
     """End a lease and move its instance to ``instance_state`` (idle after a
-    clean finish), in one transaction."""
+    clean finish), in one transaction.
+
+    The instance changes state only while it is still busy: one that was
+    destroyed or lost during the job keeps that state.
+    """
+    with store.sessions.write() as session:
+        lease = session.get(Lease, lease_id)
+        if lease is None:
+            raise PoolError(f"Lease {lease_id} not found in the pool database.")
+        if lease.ended_at is not None:
+            return
+        now = store.clock()
+        lease.ended_at = now
+        lease.outcome = outcome
+        lease.exit_code = exit_code
+        row = _get_instance_row(session, lease.instance_pk)
+        if row.state != InstanceState.BUSY:
+            return
+        why = (
+            f"lease {lease_id} of rule {lease.rule} job {lease.job_id} {outcome.value}"
+        )
+        if exit_code is not None:
+            why += f" with exit code {exit_code}"
+        _apply_transition(session, row, instance_state, now, why, None, {})
 
 
-def lease_heartbeat(store: Store, lease_id: int) -> None: ...
+def lease_heartbeat(store: Store, lease_id: int) -> None:
+    with store.sessions.write() as session:
+        lease = session.get(Lease, lease_id)
+        if lease is None:
+            raise PoolError(f"Lease {lease_id} not found in the pool database.")
+        lease.heartbeat_at = store.clock()
 
 
-def run_leases(store: Store, run_id: str) -> list[Lease]: ...
+def run_leases(store: Store, run_id: str) -> list[Lease]:
+    """Return the run's leases, oldest first, as detached rows."""
+    statement = select(Lease).where(Lease.run_id == run_id).order_by(Lease.id)
+    with store.sessions.read() as session:
+        return list(session.scalars(statement))
 
 
 def run_summary_counts(store: Store, run_id: str) -> dict[str, int]:
     """Return {"instances_rented", "jobs", "warm_jobs", "instances_alive"}."""
-    raise NotImplementedError
+    rented = select(func.count(Event.id)).where(
+        Event.run_id == run_id, Event.kind == InstanceState.RENTING.value
+    )
+    jobs = select(func.count(Lease.id)).where(Lease.run_id == run_id)
+    warm_jobs = jobs.where(Lease.warm.is_(True))
+    alive = select(func.count(Instance.pk)).where(
+        Instance.run_id == run_id, Instance.state.in_(sorted(ALIVE_STATES))
+    )
+    with store.sessions.read() as session:
+        return {
+            "instances_rented": session.scalar(rented) or 0,
+            "jobs": session.scalar(jobs) or 0,
+            "warm_jobs": session.scalar(warm_jobs) or 0,
+            "instances_alive": session.scalar(alive) or 0,
+        }
 
 
 __all__ = [
-    "Instance",
-    "Lease",
-    "Run",
-    "LeaseOutcome",
-    "InstanceState",
     "DestroyReason",
+    "EventRecord",
+    "Instance",
+    "InstanceRecord",
+    "InstanceState",
+    "Lease",
+    "LeaseOutcome",
+    "Run",
+    "RunRecord",
+    "Store",
 ]
