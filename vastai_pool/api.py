@@ -1,16 +1,50 @@
 """Thin adapter over the official ``vastai`` SDK; no other module calls it.
 
-INTERFACE STUB, to be implemented. Every SDK or HTTP error is translated
-into ``ApiError`` (``OfferUnavailable`` for a taken offer) with ``from exc``.
-The API key is handed to the SDK and never logged.
+Every SDK or HTTP error is translated into ``ApiError`` (``OfferUnavailable``
+for a taken offer) with ``from exc``. The API key is handed to the SDK and
+never logged or put into a message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import io
+import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import requests
+from vastai import VastAI
+from vastai.api.query import offers_alias, offers_fields, offers_mult, parse_query
+
+from vastai_pool.errors import ApiError, ConfigError, OfferUnavailable
 from vastai_pool.requirements import Hardware
+
+logger = logging.getLogger(__name__)
+
+# Filters the SDK adds to every offer search unless ``no_default`` is set
+# (vastai 1.9.1). They are seeded before parsing so that a user's
+# ``verified=any`` can remove one.
+_DEFAULT_OFFER_FILTERS: dict[str, dict[str, Any]] = {
+    "verified": {"eq": True},
+    "external": {"eq": False},
+    "rentable": {"eq": True},
+    "rented": {"eq": False},
+}
+
+# Attempts of a destroy call on top of the SDK's own retries, and the first
+# pause between them in seconds (doubled each time).
+_DESTROY_ATTEMPTS = 4
+_DESTROY_BACKOFF = 1.0
+
+
+# Attempts of a rate-limited create and the first pause in seconds; Vast.ai
+# documents a minimum of 4.5 s between creates.
+_CREATE_ATTEMPTS = 4
+_CREATE_RATE_LIMIT_PAUSE = 5.0
 
 
 class VastStatus(enum.StrEnum):
@@ -29,6 +63,34 @@ class VastStatus(enum.StrEnum):
     OFFLINE = "offline"
 
 
+# Raw ``actual_status`` to VastStatus. Vast.ai sends null while the contract is
+# still being set up. A value missing here is read as still provisioning, so
+# that a new status from the API waits for the boot timeout instead of failing.
+_STATUS_TABLE: dict[str | None, VastStatus] = {
+    None: VastStatus.PROVISIONING,
+    "provisioning": VastStatus.PROVISIONING,
+    "created": VastStatus.CREATED,
+    "loading": VastStatus.LOADING,
+    "running": VastStatus.RUNNING,
+    "stopped": VastStatus.STOPPED,
+    "frozen": VastStatus.FROZEN,
+    "exited": VastStatus.EXITED,
+    "rebooting": VastStatus.REBOOTING,
+    "scheduling": VastStatus.SCHEDULING,
+    "unknown": VastStatus.UNKNOWN,
+    "offline": VastStatus.OFFLINE,
+}
+
+
+def map_status(raw: str | None) -> VastStatus:
+    """Return the VastStatus of a raw ``actual_status`` value."""
+    status = _STATUS_TABLE.get(raw.strip().lower() if isinstance(raw, str) else raw)
+    if status is None:
+        logger.debug("unrecognized actual_status %r, treated as provisioning", raw)
+        return VastStatus.PROVISIONING
+    return status
+
+
 @dataclass(frozen=True)
 class Offer:
     id: int
@@ -39,6 +101,13 @@ class Offer:
 
 @dataclass(frozen=True)
 class RemoteInstance:
+    """An instance as the API reports it.
+
+    ``ssh_host``/``ssh_port`` is the endpoint to connect to: the direct
+    address (``public_ipaddr`` and the host port mapped to 22) when the
+    instance has one, else Vast.ai's SSH proxy.
+    """
+
     id: int
     label: str | None
     status: VastStatus
@@ -47,20 +116,218 @@ class RemoteInstance:
     ssh_port: int | None
     dph_total: float
     raw: dict
+    machine_id: int | None = None
+    hardware: Hardware | None = None
 
 
-def parse_offer_query(query: str) -> dict:
-    """Parse a query string with the SDK's own parser; raise ``ConfigError``."""
-    raise NotImplementedError
+def parse_offer_query(query: str, *, with_defaults: bool = False) -> dict:
+    """Parse an offer query string with the SDK's own parser.
+
+    With ``with_defaults`` the result starts from the filters the SDK adds to
+    every search (verified, not external, rentable, not rented by me), which
+    the query may switch off with ``field=any``. Raises ``ConfigError`` naming
+    the query and the parse error.
+    """
+    base = {k: dict(v) for k, v in _DEFAULT_OFFER_FILTERS.items()}
+    warnings = io.StringIO()
+    try:
+        # The parser prints its warnings about unknown fields to stderr.
+        with contextlib.redirect_stderr(warnings):
+            parsed = parse_query(
+                query,
+                base if with_defaults else {},
+                offers_fields,
+                offers_alias,
+                offers_mult,
+            )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"invalid Vast.ai offer query {query!r}: {exc}. Write terms as "
+            "'field op value' (e.g. 'gpu_ram>=24 inet_down>200'), with "
+            "underscores for spaces in values and lists as [a,b]."
+        ) from exc
+    for line in warnings.getvalue().splitlines():
+        if line.strip():
+            logger.warning("offer query %r: %s", query, line.strip())
+    return parsed
+
+
+def _country(geolocation: object) -> str | None:
+    # Vast.ai writes "<region>, <CC>"; the SDK itself reads the last two letters.
+    if not isinstance(geolocation, str) or len(geolocation.strip()) < 2:
+        return None
+    return geolocation.strip()[-2:].upper()
+
+
+def _number(row: dict, *keys: str) -> float:
+    for key in keys:
+        value = row.get(key)
+        if value is not None:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                continue
+    return 0.0
+
+
+def hardware_from_row(row: dict) -> Hardware:
+    """Return the Hardware of an offer or instance row (MB of RAM, GB of disk)."""
+    return Hardware(
+        num_gpus=int(_number(row, "num_gpus")),
+        gpu_name=str(row.get("gpu_name") or ""),
+        cpu_cores_effective=_number(row, "cpu_cores_effective"),
+        cpu_ram_mb=_number(row, "cpu_ram"),
+        disk_gb=_number(row, "disk_space"),
+        dph_total=_number(row, "dph_total"),
+        reliability=_number(row, "reliability", "reliability2"),
+        datacenter=row.get("hosting_type") == 1,
+        country=_country(row.get("geolocation")),
+    )
+
+
+def _ssh_endpoint(row: dict) -> tuple[str | None, int | None]:
+    # Prefer the direct port: the proxy adds a hop and, per the Snakemake Vast.ai
+    # plugin's authors, is not always wired up. Docker's shape, HostPort a string.
+    ports = row.get("ports") or {}
+    mapped = ports.get("22/tcp") if isinstance(ports, dict) else None
+    public = row.get("public_ipaddr")
+    if public and mapped:
+        try:
+            return str(public).strip(), int(mapped[0]["HostPort"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            pass
+    host = row.get("ssh_host")
+    port = row.get("ssh_port")
+    if host and port:
+        return str(host), int(port)
+    return None, None
+
+
+def remote_instance_from_row(row: dict) -> RemoteInstance:
+    """Return a RemoteInstance from a show or list row of the API."""
+    host, port = _ssh_endpoint(row)
+    machine = row.get("machine_id")
+    return RemoteInstance(
+        id=int(row["id"]),
+        label=row.get("label") or None,
+        status=map_status(row.get("actual_status")),
+        status_msg=row.get("status_msg"),
+        ssh_host=host,
+        ssh_port=port,
+        dph_total=_number(row, "dph_total"),
+        raw=row,
+        machine_id=int(machine) if machine is not None else None,
+        hardware=hardware_from_row(row),
+    )
+
+
+def _error_body(response: requests.Response | None) -> tuple[str | None, str]:
+    if response is None:
+        return None, ""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, (response.text or "").strip()[:300]
+    if not isinstance(body, dict):
+        return None, str(body)[:300]
+    code = body.get("error")
+    message = body.get("msg") or body.get("message") or body.get("detail") or ""
+    return (str(code) if code else None), str(message)
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn SDK and HTTP failures of one call into ``ApiError``."""
+    try:
+        yield
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        code, message = _error_body(exc.response)
+        text = f"Vast.ai API call {what} failed with HTTP {status}"
+        if code:
+            text += f" {code}"
+        if message:
+            text += f": {message}"
+        taken = code == "no_such_ask" or "no_such_ask" in message
+        if taken and status in (400, 404, 410):
+            raise OfferUnavailable(
+                text, status=status, error_code="no_such_ask"
+            ) from exc
+        if status in (401, 403):
+            text += ". Check the API key and its permissions"
+        raise ApiError(text, status=status, error_code=code) from exc
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise ApiError(
+            f"Vast.ai API call {what} failed: the API could not be reached "
+            f"({type(exc).__name__}). Check the API URL and the network."
+        ) from exc
+    except requests.RequestException as exc:
+        raise ApiError(f"Vast.ai API call {what} failed: {type(exc).__name__}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        # A reply the SDK could not read (not JSON, or a field it needs missing).
+        raise ApiError(
+            f"Vast.ai API call {what} returned a reply the SDK could not read: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _check_success(reply: Any, what: str) -> dict:
+    if not isinstance(reply, dict):
+        raise ApiError(f"Vast.ai API call {what} returned {type(reply).__name__}")
+    if reply.get("success") is False:
+        code = reply.get("error")
+        message = reply.get("msg") or reply.get("message") or ""
+        text = f"Vast.ai API call {what} failed: {code or 'success false'}"
+        if message:
+            text += f": {message}"
+        raise ApiError(text, status=200, error_code=code)
+    return reply
 
 
 class VastApi:
-    def __init__(self, api_url: str, api_key: str) -> None:
-        raise NotImplementedError
+    """The Vast.ai calls the pool makes, on one account.
+
+    ``retry`` is the SDK's total number of attempts on 429, 502-504 and
+    connection errors.
+    """
+
+    def __init__(self, api_url: str, api_key: str, *, retry: int = 3) -> None:
+        if not api_key:
+            raise ConfigError(
+                "no Vast.ai API key: set --vastai-api-key or VAST_API_KEY"
+            )
+        # The SDK glues server_url and path, so a trailing slash gives "//api".
+        self.api_url = api_url.rstrip("/")
+        self._sdk = VastAI(api_key=api_key, server_url=self.api_url, retry=retry)
+        # The SDK would resend a create after a 502-504 or a dropped connection,
+        # when Vast.ai may already have rented the offer, so creates go out once.
+        self._sdk_once = VastAI(api_key=api_key, server_url=self.api_url, retry=1)
 
     def search_offers(
         self, query: str, *, order: str, disk_gb: float, limit: int = 64
-    ) -> list[Offer]: ...
+    ) -> list[Offer]:
+        """Return the offers matching ``query``, priced for ``disk_gb`` of storage."""
+        filters = parse_offer_query(query, with_defaults=True)
+        with _translated(f"search offers {query!r}"):
+            rows = self._sdk.search_offers(
+                query=filters,
+                order=order,
+                limit=limit,
+                storage=disk_gb,
+                no_default=True,
+            )
+        offers = []
+        for row in rows or []:
+            machine = row.get("machine_id")
+            offers.append(
+                Offer(
+                    id=int(row["id"]),
+                    machine_id=int(machine) if machine is not None else None,
+                    hardware=hardware_from_row(row),
+                    raw=row,
+                )
+            )
+        return offers
 
     def create_instance(
         self,
@@ -72,16 +339,126 @@ class VastApi:
         onstart: str | None = None,
         env: dict[str, str] | None = None,
     ) -> int:
-        """Rent an offer with SSH access; return the new instance id."""
-        raise NotImplementedError
+        """Rent an offer with SSH access; return the new instance id.
 
-    def attach_ssh_key(self, instance_id: int, public_key: str) -> None: ...
+        Raises ``OfferUnavailable`` when the offer is taken, and ``ApiError``
+        with ``instance_id`` set when Vast.ai created an instance despite
+        reporting a failure, so that the caller destroys it.
+        """
+        what = f"create instance from offer {offer_id}"
+        pause = _CREATE_RATE_LIMIT_PAUSE
+        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+            try:
+                with _translated(what):
+                    # ssh+direct sends runtype "ssh_direc ssh_proxy", which maps
+                    # port 22 directly and keeps the proxy as a fallback.
+                    reply = self._sdk_once.create_instance(
+                        offer_id,
+                        image=image,
+                        disk=disk_gb,
+                        label=label,
+                        onstart_cmd=onstart,
+                        env=dict(env or {}),
+                        ssh=True,
+                        direct=True,
+                    )
+                break
+            except ApiError as exc:
+                # A 429 was rejected before anything was rented, so it is safe
+                # to send again; nothing else is.
+                if exc.status != 429 or attempt == _CREATE_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "creating from offer %d was rate limited, retrying in %.1f s",
+                    offer_id,
+                    pause,
+                )
+                time.sleep(pause)
+                pause *= 2
+        if not isinstance(reply, dict):
+            raise ApiError(f"Vast.ai API call {what} returned {reply!r}")
+        contract = reply.get("new_contract")
+        if reply.get("success") is False:
+            code = reply.get("error")
+            message = reply.get("msg") or reply.get("message") or ""
+            text = f"Vast.ai API call {what} failed: {code or 'success false'}"
+            if message:
+                text += f": {message}"
+            if contract:
+                text += f" (instance {contract} was created anyway)"
+                raise ApiError(
+                    text, status=200, error_code=code, instance_id=int(contract)
+                )
+            if code == "no_such_ask":
+                raise OfferUnavailable(text, status=200, error_code=code)
+            raise ApiError(text, status=200, error_code=code)
+        if not contract:
+            raise ApiError(f"Vast.ai API call {what} returned no new_contract")
+        return int(contract)
 
-    def show_instance(self, instance_id: int) -> RemoteInstance | None: ...
+    def attach_ssh_key(self, instance_id: int, public_key: str) -> None:
+        """Authorize ``public_key`` on an instance; a key already there is fine."""
+        what = f"attach SSH key to instance {instance_id}"
+        with _translated(what):
+            reply = self._sdk.attach_ssh(instance_id, public_key)
+        if isinstance(reply, dict) and reply.get("success") is False:
+            message = str(reply.get("msg") or reply.get("error") or "")
+            if "already" in message.lower():
+                return
+        _check_success(reply, what)
+
+    def show_instance(self, instance_id: int) -> RemoteInstance | None:
+        """Return the instance, or None when the API does not (or no longer) know it."""
+        with _translated(f"show instance {instance_id}"):
+            row = self._sdk.show_instance(instance_id)
+        if row is None:
+            return None
+        return remote_instance_from_row(row)
 
     def list_instances(self) -> list[RemoteInstance]:
-        """All of the account's instances, every page of the v1 list."""
-        raise NotImplementedError
+        """Return all of the account's instances, from every page of the v1 list."""
+        with _translated("list instances"):
+            rows = self._sdk.show_instances()
+        return [remote_instance_from_row(row) for row in rows or []]
+
+    def find_by_label(self, label: str) -> RemoteInstance | None:
+        """Return the account's instance carrying ``label``, or None."""
+        for remote in self.list_instances():
+            if remote.label == label:
+                return remote
+        return None
 
     def destroy_instance(self, instance_id: int) -> None:
-        """Destroy; an id the API no longer knows counts as destroyed."""
+        """Destroy an instance; an id the API does not find counts as destroyed.
+
+        Retries server errors and connection failures a few times, because a
+        failed destroy leaves an instance billing.
+        """
+        what = f"destroy instance {instance_id}"
+        pause = _DESTROY_BACKOFF
+        for attempt in range(1, _DESTROY_ATTEMPTS + 1):
+            try:
+                with _translated(what):
+                    reply = self._sdk.destroy_instance(instance_id)
+                _check_success(reply, what)
+                return
+            except ApiError as exc:
+                if exc.status == 404 and exc.error_code in (None, "no_such_instance"):
+                    logger.info("instance %d was already destroyed", instance_id)
+                    return
+                if exc.error_code == "no_such_instance":
+                    return
+                retryable = exc.status is None or exc.status >= 500
+                if not retryable or attempt == _DESTROY_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "destroying instance %d failed (attempt %d of %d), retrying "
+                    "in %.1f s: %s",
+                    instance_id,
+                    attempt,
+                    _DESTROY_ATTEMPTS,
+                    pause,
+                    exc,
+                )
+                time.sleep(pause)
+                pause *= 2

@@ -1,17 +1,46 @@
 """The pool manager: the one object the Snakemake plugin talks to.
 
-INTERFACE STUB: the dataclasses are final; the ``Pool`` methods are to be
-implemented by the lifecycle work. The plugin codes against exactly these
-signatures.
+The dataclasses are the plugin's interface. ``Pool`` places each job on a
+warm instance or a new rental, runs it through ``vastai_pool.remote`` and
+keeps the database in step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import itertools
+import logging
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vastai_pool import store as db
+from vastai_pool.api import VastApi
+from vastai_pool.errors import NoMatchingOffer, PoolError, SshError
+from vastai_pool.models import DestroyReason, InstanceState, LeaseOutcome
+from vastai_pool.reaper import start_reaper
+from vastai_pool.remote import (
+    JobResult,
+    JobRunner,
+    local_digests,
+    local_log_path,
+    remote_work_dir,
+)
+from vastai_pool.rental import RentalContext, destroy, rent, satisfies
 from vastai_pool.requirements import Requirements
+from vastai_pool.ssh import Connection, Endpoint, ensure_keypair
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from vastai_pool.store import InstanceRecord, Store
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +131,29 @@ class RunSummary:
     billed_usd: float
 
 
+# States of this run's instances that count against ``max_instances`` once a
+# rental has left the in-flight counter.
+_COUNTED_STATES = frozenset(
+    {InstanceState.IDLE, InstanceState.BUSY, InstanceState.DESTROYING}
+)
+# Seconds ``cancel`` waits for a cancelled job's worker to clean up.
+_CANCEL_WAIT = 120.0
+
+
+class _Cancelled(Exception):
+    """A job was cancelled while it waited for an instance."""
+
+
+@dataclass
+class _Job:
+    handle: str
+    spec: JobSpec
+    status: JobStatus
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future[None] | None = None
+    runner: JobRunner | None = None
+
+
 class Pool:
     """A pool of warm instances shared by the jobs of one run.
 
@@ -115,28 +167,594 @@ class Pool:
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
+        self.run_id = ""
+        self.account = ""
+        self._api: VastApi | None = None
+        self._store: Store | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._jobs_lock = threading.Lock()
+        # Guards leasing, the in-flight rental count, eviction and reaping, so
+        # that this process never destroys an instance it is about to lease.
+        self._placement = threading.Condition()
+        self._renting = 0
+        self._connections: dict[int, Connection] = {}
+        self._failed_machines: set[int] = set()
+        self._market: dict[Requirements, NoMatchingOffer | None] = {}
+        self._labels = itertools.count(1)
+        self._summary: RunSummary | None = None
+        self._closing = False
+
+    # Lifecycle --------------------------------------------------------------
+
+    @property
+    def api(self) -> VastApi:
+        if self._api is None:
+            raise PoolError("the pool is not open; call Pool.open() first")
+        return self._api
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise PoolError("the pool is not open; call Pool.open() first")
+        return self._store
 
     def open(self) -> str:
         """Register the run in the database, start timers; return the run id."""
-        raise NotImplementedError
+        config = self.config
+        self._api = VastApi(config.api_url, config.api_key)
+        self._store = db.Store(config.db_path)
+        self.account = db.account_id(config.api_url, config.api_key)
+        self.run_id = db.start_run(
+            self._store,
+            account=self.account,
+            workdir=str(config.workdir),
+            budget_usd=config.budget,
+            linger_seconds=config.linger,
+            idle_timeout=config.idle_timeout,
+        )
+        # Jobs waiting for a free instance hold a thread, so size generously.
+        workers = max(32, 4 * (config.max_instances or 0))
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="vastai-pool-job"
+        )
+        self._scheduler = start_reaper(
+            reap_idle=self._reap_idle,
+            heartbeat=self._heartbeat,
+            idle_timeout=config.idle_timeout,
+        )
+        logger.info("pool run %s opened on %s", self.run_id, config.api_url)
+        return self.run_id
 
     def check_market(self, requirements: Requirements) -> None:
         """Raise ``NoMatchingOffer`` (carrying the query) when no idle
         instance matches and no offer on the market does; rents nothing.
         Results are cached per requirements for the run."""
-        raise NotImplementedError
+        if requirements in self._market:
+            cached = self._market[requirements]
+            if cached is not None:
+                raise cached
+            return
+        for record in db.list_instances(self.store, account=self.account):
+            usable = record.state == InstanceState.IDLE or (
+                record.run_id == self.run_id
+                and record.state in (InstanceState.BUSY, InstanceState.BOOTING)
+            )
+            if usable and satisfies(record, requirements):
+                return
+        query = requirements.offer_query()
+        offers = self.api.search_offers(
+            query, order=requirements.order, disk_gb=requirements.disk_gb, limit=8
+        )
+        if offers:
+            self._market[requirements] = None
+            return
+        error = NoMatchingOffer(
+            f"no Vast.ai offer matches {query!r} and no idle instance of the "
+            "pool does. Relax the job's resources (gpu_model, gpu, mem_mb, "
+            "disk_mb) or --vastai-search-query, --vastai-max-price, "
+            "--vastai-reliability, --vastai-geolocation.",
+            query=query,
+        )
+        self._market[requirements] = error
+        raise error
 
     def submit(self, spec: JobSpec) -> str:
         """Queue a job; return a handle for ``status`` and ``cancel``."""
-        raise NotImplementedError
+        if self._executor is None:
+            raise PoolError("the pool is not open; call Pool.open() first")
+        if self._closing:
+            raise PoolError(
+                f"the pool of run {self.run_id} is closing, so job {spec.job_id} "
+                f"(rule {spec.rule}) was not submitted"
+            )
+        handle = f"{spec.rule}-{spec.job_id}-{spec.attempt}-{uuid.uuid4().hex[:8]}"
+        job = _Job(handle, spec, JobStatus(JobState.QUEUED))
+        with self._jobs_lock:
+            self._jobs[handle] = job
+        try:
+            job.future = self._executor.submit(self._run_job, job)
+        except RuntimeError as exc:
+            with self._jobs_lock:
+                del self._jobs[handle]
+            raise PoolError(
+                f"job {spec.job_id} (rule {spec.rule}) was not submitted: {exc}"
+            ) from exc
+        return handle
 
     def status(self, handle: str) -> JobStatus:
-        raise NotImplementedError
+        """Return the job's last known status, from memory only."""
+        with self._jobs_lock:
+            job = self._jobs.get(handle)
+        if job is None:
+            raise KeyError(f"unknown job handle {handle!r}")
+        return job.status
 
     def cancel(self, handles: list[str]) -> None:
         """Stop the given jobs and destroy the instances they were running on."""
-        raise NotImplementedError
+        with self._jobs_lock:
+            jobs = [self._jobs[h] for h in handles if h in self._jobs]
+        for job in jobs:
+            job.cancelled.set()
+        with self._placement:
+            self._placement.notify_all()
+        futures = [job.future for job in jobs if job.future is not None]
+        if futures:
+            wait_futures(futures, timeout=_CANCEL_WAIT)
 
     def close(self, *, interrupted: bool = False) -> RunSummary:
         """End the run; with ``interrupted``, destroy everything not kept."""
-        raise NotImplementedError
+        if self._summary is not None:
+            return self._summary
+        if self._store is None:
+            raise PoolError("the pool was never opened, so there is no run to close")
+        self._closing = True
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        if interrupted:
+            self.cancel(list(self._jobs))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+        self._release_instances(interrupted=interrupted)
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+        db.end_run(self.store, self.run_id)
+        summary = self._run_summary()
+        self._summary = summary
+        self.store.close()
+        logger.info(
+            "pool run %s ended: %d jobs (%d on warm instances), %d instances "
+            "rented, %d alive, about $%.4f billed",
+            summary.run_id,
+            summary.jobs,
+            summary.warm_jobs,
+            summary.instances_rented,
+            summary.instances_alive,
+            summary.billed_usd,
+        )
+        return summary
+
+    def _release_instances(self, *, interrupted: bool) -> None:
+        config = self.config
+        now = self.store.clock()
+        reason = DestroyReason.INTERRUPTED if interrupted else DestroyReason.RUN_ENDED
+        with self._placement:
+            for record in db.list_instances(self.store, account=self.account):
+                if record.run_id != self.run_id or record.state == InstanceState.KEPT:
+                    continue
+                if config.keep_instances or record.keep:
+                    if record.state == InstanceState.IDLE:
+                        db.transition(
+                            self.store,
+                            record.pk,
+                            InstanceState.KEPT,
+                            why="run ended with keep-instances set",
+                            keep=True,
+                        )
+                        logger.info("kept instance %s alive", record.vast_id)
+                        continue
+                if (
+                    config.linger > 0
+                    and not interrupted
+                    and record.state == InstanceState.IDLE
+                ):
+                    db.transition(
+                        self.store,
+                        record.pk,
+                        InstanceState.IDLE,
+                        why=f"run ended, lingering for {config.linger:g} s",
+                        linger_until=now + config.linger,
+                    )
+                    logger.info(
+                        "instance %s lingers for %g s for the next run",
+                        record.vast_id,
+                        config.linger,
+                    )
+                    continue
+                self._destroy_claimed(record, reason=reason, why="run ended")
+
+    def _run_summary(self) -> RunSummary:
+        counts = db.run_summary_counts(self.store, self.run_id)
+        now = self.store.clock()
+        billed = 0.0
+        records = db.list_instances(
+            self.store, account=self.account, include_destroyed=True
+        )
+        for record in records:
+            if record.run_id != self.run_id or record.vast_id is None:
+                continue
+            end = record.destroyed_at if record.destroyed_at is not None else now
+            hours = max(0.0, end - record.rented_at) / 3600
+            billed += record.hardware.dph_total * hours
+        return RunSummary(
+            run_id=self.run_id,
+            instances_rented=counts["instances_rented"],
+            jobs=counts["jobs"],
+            warm_jobs=counts["warm_jobs"],
+            instances_alive=counts["instances_alive"],
+            billed_usd=billed,
+        )
+
+    # Timers -----------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        try:
+            db.heartbeat(self.store, self.run_id)
+        except PoolError as exc:
+            logger.warning("run heartbeat failed: %s", exc)
+
+    def _reap_idle(self) -> None:
+        """Destroy this run's instances idle past the timeout, and lingering
+        instances of any run whose linger deadline passed."""
+        try:
+            now = self.store.clock()
+            with self._placement:
+                for record in db.list_instances(self.store, account=self.account):
+                    if record.state != InstanceState.IDLE:
+                        continue
+                    if record.linger_until is not None:
+                        if record.linger_until < now:
+                            self._destroy_claimed(
+                                record,
+                                reason=DestroyReason.IDLE_TIMEOUT,
+                                why="linger time after its run is over",
+                            )
+                        continue
+                    idle_for = now - (record.idle_since or now)
+                    if (
+                        record.run_id == self.run_id
+                        and idle_for > self.config.idle_timeout
+                    ):
+                        self._destroy_claimed(
+                            record,
+                            reason=DestroyReason.IDLE_TIMEOUT,
+                            why=f"idle for {idle_for:.0f} s, over the idle "
+                            f"timeout of {self.config.idle_timeout:g} s",
+                        )
+        except PoolError as exc:
+            logger.warning("idle reaper failed, retrying at its next run: %s", exc)
+
+    # Placement --------------------------------------------------------------
+
+    def _rental_context(self) -> RentalContext:
+        return RentalContext(
+            api=self.api,
+            store=self.store,
+            run_id=self.run_id,
+            account=self.account,
+            key_dir=self.config.key_dir,
+            work_dir=remote_work_dir(self.config.workdir),
+            boot_timeout=self.config.boot_timeout,
+            poll_interval=self.config.poll_interval,
+            keep=self.config.keep_instances,
+            next_label=self._next_label,
+        )
+
+    def _next_label(self) -> str:
+        return f"vastai-pool-{self.run_id[:8]}-{next(self._labels)}"
+
+    def _alive_of_run(self) -> list[InstanceRecord]:
+        return [
+            r
+            for r in db.list_instances(self.store, account=self.account)
+            if r.run_id == self.run_id
+        ]
+
+    def _has_room(self) -> bool:
+        if self.config.max_instances is None:
+            return True
+        # Rentals in flight are in renting or booting and counted in memory.
+        settled = [r for r in self._alive_of_run() if r.state in _COUNTED_STATES]
+        return len(settled) + self._renting < self.config.max_instances
+
+    def _evict_for(self, requirements: Requirements) -> bool:
+        """Destroy one idle instance of this run that cannot serve the job."""
+        for record in self._alive_of_run():
+            if record.state == InstanceState.IDLE and not satisfies(
+                record, requirements
+            ):
+                if self._destroy_claimed(
+                    record,
+                    reason=DestroyReason.EVICTED,
+                    why="evicted to make room under max-instances",
+                ):
+                    return True
+        return False
+
+    def _budget_spent(self) -> float | None:
+        if self.config.budget is None:
+            return None
+        billed = self._run_summary().billed_usd
+        return billed if billed >= self.config.budget else None
+
+    def _place(self, job: _Job) -> tuple[InstanceRecord, int, Connection, bool]:
+        """Lease a warm instance or rent one; return (record, lease, ssh, warm)."""
+        spec = job.spec
+        requirements = spec.requirements
+        input_sizes = local_digests(self.config.workdir, spec.inputs)
+        while True:
+            if job.cancelled.is_set():
+                raise _Cancelled
+            with self._placement:
+                leased = db.lease_idle(
+                    self.store,
+                    run_id=self.run_id,
+                    account=self.account,
+                    requirements=requirements,
+                    rule=spec.rule,
+                    job_id=spec.job_id,
+                    attempt=spec.attempt,
+                    input_sizes=input_sizes,
+                )
+                if leased is None:
+                    spent = self._budget_spent()
+                    if spent is not None:
+                        raise PoolError(
+                            f"the run's budget of ${self.config.budget:g} is spent "
+                            f"(about ${spent:.2f} billed), so no instance is rented "
+                            f"for job {spec.job_id} (rule {spec.rule}); raise "
+                            "--vastai-budget to continue"
+                        )
+                    if not (self._has_room() or self._evict_for(requirements)):
+                        self._placement.wait(timeout=self.config.poll_interval)
+                        continue
+                    self._renting += 1
+            if leased is not None:
+                record, lease_id = leased
+                try:
+                    connection = self._connection_for(record)
+                except SshError as exc:
+                    self._lose(
+                        record, lease_id, f"SSH to a warm instance failed: {exc}"
+                    )
+                    continue
+                logger.info(
+                    "job %s (rule %s) reuses warm instance %d",
+                    spec.job_id,
+                    spec.rule,
+                    record.vast_id,
+                )
+                return record, lease_id, connection, True
+            try:
+                rental = rent(
+                    self._rental_context(),
+                    requirements,
+                    failed_machines=self._failed_machines,
+                )
+                try:
+                    lease_id = db.lease_new(
+                        self.store,
+                        rental.record.pk,
+                        run_id=self.run_id,
+                        rule=spec.rule,
+                        job_id=spec.job_id,
+                        attempt=spec.attempt,
+                    )
+                except BaseException:
+                    rental.connection.close()
+                    destroy(
+                        self.api,
+                        self.store,
+                        db.get_instance(self.store, rental.record.pk),
+                        reason=DestroyReason.BOOT_FAILED,
+                        why="leasing the new instance failed",
+                    )
+                    raise
+            finally:
+                with self._placement:
+                    self._renting -= 1
+                    self._placement.notify_all()
+            self._connections[rental.record.pk] = rental.connection
+            record = db.get_instance(self.store, rental.record.pk)
+            logger.info(
+                "job %s (rule %s) runs on new instance %d",
+                spec.job_id,
+                spec.rule,
+                record.vast_id,
+            )
+            return record, lease_id, rental.connection, False
+
+    def _connection_for(self, record: InstanceRecord) -> Connection:
+        connection = self._connections.get(record.pk)
+        if connection is not None:
+            return connection
+        if record.ssh_host is None or record.ssh_port is None:
+            raise SshError(f"instance {record.vast_id} has no SSH endpoint recorded")
+        private_key, _ = ensure_keypair(self.config.key_dir)
+        connection = Connection(
+            Endpoint(record.ssh_host, record.ssh_port),
+            private_key,
+            host_key=record.host_key,
+        )
+        connection.connect(attempts=3, delay=1.0)
+        self._connections[record.pk] = connection
+        return connection
+
+    # Running ----------------------------------------------------------------
+
+    def _set_status(self, job: _Job, **changes: object) -> None:
+        with self._jobs_lock:
+            job.status = dataclasses.replace(job.status, **changes)  # type: ignore[arg-type]
+
+    def _run_job(self, job: _Job) -> None:
+        spec = job.spec
+        try:
+            record, lease_id, connection, _warm = self._place(job)
+        except _Cancelled:
+            self._set_status(
+                job, state=JobState.FAILED, message=f"job {spec.job_id} was cancelled"
+            )
+            return
+        except PoolError as exc:
+            logger.error("job %s (rule %s) failed: %s", spec.job_id, spec.rule, exc)
+            self._set_status(job, state=JobState.FAILED, message=str(exc))
+            return
+        except Exception as exc:
+            logger.exception("placing job %s (rule %s) failed", spec.job_id, spec.rule)
+            self._set_status(
+                job,
+                state=JobState.FAILED,
+                message=f"placing job {spec.job_id} failed: "
+                f"{type(exc).__name__}: {exc}",
+            )
+            return
+
+        if job.cancelled.is_set():
+            cancelled = JobResult(
+                LeaseOutcome.CANCELLED,
+                None,
+                f"job {spec.job_id} was cancelled before it started",
+                instance_healthy=False,
+                log_path=local_log_path(self.config, spec),
+            )
+            self._finish(job, record, lease_id, cancelled)
+            return
+        self._set_status(
+            job,
+            state=JobState.RUNNING,
+            instance_id=record.vast_id,
+            log_path=local_log_path(self.config, spec),
+        )
+        runner = JobRunner(
+            config=self.config,
+            store=self.store,
+            run_id=self.run_id,
+            record=record,
+            connection=connection,
+            lease_id=lease_id,
+            spec=spec,
+            cancelled=job.cancelled,
+        )
+        job.runner = runner
+        try:
+            result = runner.run()
+        except Exception as exc:
+            logger.exception("job %s (rule %s) crashed", spec.job_id, spec.rule)
+            runner.kill()
+            result = JobResult(
+                LeaseOutcome.FAILED,
+                None,
+                f"job {spec.job_id} failed on instance {record.vast_id}: "
+                f"{type(exc).__name__}: {exc}",
+                instance_healthy=False,
+                log_path=runner.log_path,
+            )
+        self._finish(job, record, lease_id, result)
+
+    def _finish(
+        self, job: _Job, record: InstanceRecord, lease_id: int, result: JobResult
+    ) -> None:
+        """End the lease (idle or destroyed), then publish the job's result."""
+        spec = job.spec
+        if job.cancelled.is_set() and result.outcome == LeaseOutcome.SUCCEEDED:
+            result = dataclasses.replace(result, instance_healthy=False)
+        if result.instance_healthy:
+            db.end_lease(
+                self.store,
+                lease_id,
+                result.outcome,
+                result.exit_code,
+                instance_state=InstanceState.IDLE,
+            )
+        elif result.outcome == LeaseOutcome.LOST:
+            self._lose(record, lease_id, result.message)
+        else:
+            db.end_lease(
+                self.store,
+                lease_id,
+                result.outcome,
+                result.exit_code,
+                instance_state=InstanceState.DESTROYING,
+            )
+            reason = (
+                DestroyReason.INTERRUPTED
+                if result.outcome == LeaseOutcome.CANCELLED
+                else DestroyReason.JOB_TIMEOUT
+            )
+            self._destroy(record, reason=reason, why=result.message)
+        with self._placement:
+            self._placement.notify_all()
+        succeeded = result.outcome == LeaseOutcome.SUCCEEDED
+        if not succeeded:
+            logger.warning("%s", result.message)
+        self._set_status(
+            job,
+            state=JobState.SUCCEEDED if succeeded else JobState.FAILED,
+            message=result.message,
+            exit_code=result.exit_code,
+            log_path=result.log_path,
+            instance_id=record.vast_id,
+        )
+        logger.debug("job %s (rule %s) finished", spec.job_id, spec.rule)
+
+    # Destroying -------------------------------------------------------------
+
+    def _lose(self, record: InstanceRecord, lease_id: int, why: str) -> None:
+        """End a lease whose host is unreachable and destroy what is left of it."""
+        db.end_lease(
+            self.store,
+            lease_id,
+            LeaseOutcome.LOST,
+            None,
+            instance_state=InstanceState.DESTROYING,
+        )
+        self._destroy(
+            record,
+            reason=DestroyReason.GONE,
+            why=why,
+            state_on_failure=InstanceState.LOST,
+        )
+
+    def _destroy(
+        self,
+        record: InstanceRecord,
+        *,
+        reason: DestroyReason,
+        why: str,
+        state_on_failure: InstanceState = InstanceState.DESTROYING,
+    ) -> None:
+        connection = self._connections.pop(record.pk, None)
+        if connection is not None:
+            connection.close()
+        destroy(
+            self.api,
+            self.store,
+            db.get_instance(self.store, record.pk),
+            reason=reason,
+            why=why,
+            state_on_failure=state_on_failure,
+        )
+
+    def _destroy_claimed(
+        self, record: InstanceRecord, *, reason: DestroyReason, why: str
+    ) -> bool:
+        """Destroy an instance unless another process changed it meanwhile."""
+        claimed = db.claim_for_destroy(self.store, record, why=why, reason=reason)
+        if claimed is None:
+            return False
+        self._destroy(claimed, reason=reason, why=why)
+        return True

@@ -1,0 +1,484 @@
+"""Renting an instance for a job: search, create, boot, connect and prepare.
+
+Every instance created here is destroyed on every failure path after its
+create call, and its row ends in ``destroyed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import shlex
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from vastai_pool import store as db
+from vastai_pool.api import Offer, RemoteInstance, VastApi, VastStatus
+from vastai_pool.errors import (
+    ApiError,
+    BootFailed,
+    NoMatchingOffer,
+    OfferUnavailable,
+    PoolError,
+    SshError,
+)
+from vastai_pool.models import DestroyReason, InstanceState
+from vastai_pool.requirements import Requirements
+from vastai_pool.ssh import Connection, Endpoint, ensure_keypair
+from vastai_pool.store import InstanceRecord, Store
+
+logger = logging.getLogger(__name__)
+
+# Text in status_msg that means the container will never start (seen by the
+# Snakemake Vast.ai plugin and in Vast.ai's docs), so waiting is pointless.
+FATAL_STATUS_MESSAGES = (
+    "pull rate limit",
+    "manifest unknown",
+    "unauthorized",
+    "no space left on device",
+    "OCI runtime create failed",
+)
+FATAL_STATUSES = frozenset({VastStatus.EXITED, VastStatus.UNKNOWN, VastStatus.OFFLINE})
+
+# sshd starts after the API reports running: attempts and seconds between them.
+SSH_CONNECT_ATTEMPTS = 8
+SSH_CONNECT_DELAY = 1.0
+# Seconds a pip install of Snakemake may take on a fresh instance.
+PIP_TIMEOUT = 1200.0
+
+WORK_ROOT = "vastai-pool/work"
+JOBS_ROOT = "vastai-pool/jobs"
+SOURCES_ROOT = "vastai-pool/sources"
+
+
+@dataclass(frozen=True)
+class RentalContext:
+    """The pool's API, database and settings that a rental uses."""
+
+    api: VastApi
+    store: Store
+    run_id: str
+    account: str
+    # Directory of the pool's SSH key pair.
+    key_dir: Path
+    work_dir: str
+    boot_timeout: float
+    poll_interval: float
+    keep: bool
+    # Returns a fresh label ``vastai-pool-<run-short>-<n>`` on each call.
+    next_label: Callable[[], str]
+
+
+@dataclass
+class Rental:
+    """A booted, prepared instance and the SSH connection to it."""
+
+    record: InstanceRecord
+    connection: Connection
+    offer: Offer
+
+
+def local_snakemake_version() -> str | None:
+    """Return the installed Snakemake version, or None when it is not installed."""
+    try:
+        return importlib.metadata.version("snakemake")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def destroy(
+    api: VastApi,
+    store: Store,
+    record: InstanceRecord,
+    *,
+    reason: DestroyReason,
+    why: str,
+    state_on_failure: InstanceState = InstanceState.DESTROYING,
+) -> None:
+    """Destroy an instance and move its row through destroying to destroyed.
+
+    When the API call fails, the error is logged, not raised. The row is then
+    left in ``state_on_failure`` (``destroying``, or ``lost`` for a host that
+    is gone) so that ``vastai-pool gc`` finds it.
+    """
+    if record.state == InstanceState.DESTROYED:
+        return
+    if record.state != InstanceState.DESTROYING:
+        db.transition(
+            store, record.pk, InstanceState.DESTROYING, why=why, reason=reason
+        )
+    if record.vast_id is not None:
+        try:
+            api.destroy_instance(record.vast_id)
+        except ApiError as exc:
+            logger.error(
+                "destroying instance %d failed, it may still bill; run "
+                "'vastai-pool gc' to retry: %s",
+                record.vast_id,
+                exc,
+            )
+            if state_on_failure != InstanceState.DESTROYING:
+                db.transition(store, record.pk, state_on_failure, why=f"{why}; {exc}")
+            return
+    db.transition(store, record.pk, InstanceState.DESTROYED, why=why, reason=reason)
+    logger.info("destroyed instance %s (%s): %s", record.vast_id, reason.value, why)
+
+
+def rent(
+    ctx: RentalContext,
+    requirements: Requirements,
+    *,
+    failed_machines: set[int],
+) -> Rental:
+    """Rent the cheapest offer that fits, boot it and prepare it for jobs.
+
+    Offers that were taken are skipped, and the market is searched once more
+    when every offer was taken. Machines that failed to boot in this run are
+    skipped and added to ``failed_machines``.
+    """
+    query = requirements.offer_query()
+    for round_number in (1, 2):
+        offers = ctx.api.search_offers(
+            query, order=requirements.order, disk_gb=requirements.disk_gb
+        )
+        candidates = [o for o in offers if o.machine_id not in failed_machines]
+        if not candidates:
+            raise NoMatchingOffer(
+                f"no Vast.ai offer matches {query!r}"
+                + (" (other than machines that failed in this run)" if offers else "")
+                + ". Relax the job's resources or --vastai-search-query, or raise "
+                "--vastai-max-price.",
+                query=query,
+            )
+        candidates.sort(key=lambda o: o.hardware.dph_total)
+        for offer in candidates:
+            record = _create(ctx, requirements, offer)
+            if record is None:
+                continue
+            try:
+                connection = boot(ctx, record, offer)
+            except BootFailed:
+                if offer.machine_id is not None:
+                    failed_machines.add(offer.machine_id)
+                raise
+            return Rental(db.get_instance(ctx.store, record.pk), connection, offer)
+        logger.warning(
+            "every offer matching %r was taken (search %d of 2)", query, round_number
+        )
+    raise NoMatchingOffer(
+        f"every Vast.ai offer matching {query!r} was taken before it could be "
+        "rented; try again, or relax the job's resources.",
+        query=query,
+    )
+
+
+def _create(
+    ctx: RentalContext, requirements: Requirements, offer: Offer
+) -> InstanceRecord | None:
+    """Record and create one rental; return None when the offer was taken."""
+    label = ctx.next_label()
+    # The instance is allocated the job's disk, not the offer's free space.
+    hardware = dataclasses.replace(offer.hardware, disk_gb=requirements.disk_gb)
+    pk = db.record_rental(
+        ctx.store,
+        run_id=ctx.run_id,
+        account=ctx.account,
+        label=label,
+        offer_id=offer.id,
+        machine_id=offer.machine_id,
+        image=requirements.image,
+        extra_query=requirements.extra_query,
+        hardware=hardware,
+        keep=ctx.keep,
+    )
+    try:
+        vast_id = ctx.api.create_instance(
+            offer.id,
+            image=requirements.image,
+            disk_gb=requirements.disk_gb,
+            label=label,
+        )
+    except OfferUnavailable as exc:
+        logger.info("offer %d was taken, trying the next one: %s", offer.id, exc)
+        db.transition(
+            ctx.store,
+            pk,
+            InstanceState.DESTROYED,
+            why=f"offer {offer.id} was taken",
+            reason=DestroyReason.RENT_FAILED,
+        )
+        return None
+    except ApiError as exc:
+        if exc.instance_id is not None:
+            # Vast.ai created an instance although it reported a failure.
+            logger.warning(
+                "renting offer %d created instance %d despite an error, "
+                "destroying it: %s",
+                offer.id,
+                exc.instance_id,
+                exc,
+            )
+            db.transition(
+                ctx.store,
+                pk,
+                InstanceState.BOOTING,
+                why="created despite an error",
+                vast_id=exc.instance_id,
+            )
+            destroy(
+                ctx.api,
+                ctx.store,
+                db.get_instance(ctx.store, pk),
+                reason=DestroyReason.RENT_FAILED,
+                why=f"create of offer {offer.id} failed: {exc}",
+            )
+            return None
+        if exc.status is None or exc.status >= 500:
+            _reconcile_by_label(ctx, pk, label, f"create of offer {offer.id}: {exc}")
+        else:
+            db.transition(
+                ctx.store,
+                pk,
+                InstanceState.DESTROYED,
+                why=f"create of offer {offer.id} failed: {exc}",
+                reason=DestroyReason.RENT_FAILED,
+            )
+        raise
+    logger.info(
+        "rented instance %d (label %s) from offer %d: %d x %s at $%.3f/h",
+        vast_id,
+        label,
+        offer.id,
+        offer.hardware.num_gpus,
+        offer.hardware.gpu_name,
+        offer.hardware.dph_total,
+    )
+    return db.transition(
+        ctx.store,
+        pk,
+        InstanceState.BOOTING,
+        why=f"created from offer {offer.id}",
+        vast_id=vast_id,
+    )
+
+
+def _reconcile_by_label(ctx: RentalContext, pk: int, label: str, why: str) -> None:
+    """After a create whose outcome is unknown, destroy whatever carries ``label``.
+
+    When the instance list cannot be read either, the row stays in
+    ``renting`` so that ``vastai-pool gc`` reconciles it by label later.
+    """
+    try:
+        remote = ctx.api.find_by_label(label)
+    except ApiError as exc:
+        logger.error(
+            "cannot tell whether %s was rented (%s); run 'vastai-pool gc' "
+            "once the API answers: %s",
+            label,
+            why,
+            exc,
+        )
+        return
+    if remote is None:
+        db.transition(
+            ctx.store,
+            pk,
+            InstanceState.DESTROYED,
+            why=f"{why}; no instance carries label {label}",
+            reason=DestroyReason.RENT_FAILED,
+        )
+        return
+    logger.warning(
+        "instance %d was rented as %s although the create failed; destroying it",
+        remote.id,
+        label,
+    )
+    db.transition(ctx.store, pk, InstanceState.BOOTING, why=why, vast_id=remote.id)
+    destroy(
+        ctx.api,
+        ctx.store,
+        db.get_instance(ctx.store, pk),
+        reason=DestroyReason.RENT_FAILED,
+        why=why,
+    )
+
+
+def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection:
+    """Wait for a created instance to run, connect and prepare it.
+
+    Any failure destroys the instance and raises ``BootFailed`` naming the
+    instance, the offer and what happened.
+    """
+    assert record.vast_id is not None
+    vast_id = record.vast_id
+    connection: Connection | None = None
+    try:
+        private_key, public_key = ensure_keypair(ctx.key_dir)
+        ctx.api.attach_ssh_key(vast_id, public_key)
+        remote = wait_until_running(ctx, vast_id, offer)
+        assert remote.ssh_host is not None and remote.ssh_port is not None
+        connection = Connection(Endpoint(remote.ssh_host, remote.ssh_port), private_key)
+        try:
+            host_key = connection.connect(
+                attempts=SSH_CONNECT_ATTEMPTS, delay=SSH_CONNECT_DELAY
+            )
+        except SshError as exc:
+            raise BootFailed(
+                f"instance {vast_id} (offer {offer.id}) runs but SSH to "
+                f"{remote.ssh_host}:{remote.ssh_port} failed: {exc}",
+                instance_id=vast_id,
+            ) from exc
+        db.transition(
+            ctx.store,
+            record.pk,
+            InstanceState.BOOTING,
+            why="reachable over SSH",
+            ssh_host=remote.ssh_host,
+            ssh_port=remote.ssh_port,
+            host_key=host_key,
+        )
+        prepare(connection, ctx.work_dir, vast_id=vast_id, offer_id=offer.id)
+        return connection
+    except BaseException as exc:
+        if connection is not None:
+            connection.close()
+        if isinstance(exc, BootFailed):
+            why = str(exc)
+        elif isinstance(exc, PoolError):
+            why = f"boot of instance {vast_id} (offer {offer.id}) failed: {exc}"
+        else:
+            why = f"boot of instance {vast_id} interrupted: {type(exc).__name__}"
+        logger.warning("%s; destroying it", why)
+        destroy(
+            ctx.api,
+            ctx.store,
+            db.get_instance(ctx.store, record.pk),
+            reason=DestroyReason.BOOT_FAILED,
+            why=why,
+        )
+        if isinstance(exc, PoolError) and not isinstance(exc, BootFailed):
+            raise BootFailed(why, instance_id=vast_id) from exc
+        raise
+
+
+def wait_until_running(
+    ctx: RentalContext, vast_id: int, offer: Offer
+) -> RemoteInstance:
+    """Poll the API until the instance runs with an SSH endpoint; raise BootFailed."""
+    deadline = time.monotonic() + ctx.boot_timeout
+    last: RemoteInstance | None = None
+    while True:
+        try:
+            remote = ctx.api.show_instance(vast_id)
+        except ApiError as exc:
+            if exc.status is not None and exc.status != 429 and exc.status < 500:
+                raise
+            # Rate limits and server errors pass; the boot timeout still bounds
+            # how long they are tolerated.
+            logger.warning("checking instance %d failed, retrying: %s", vast_id, exc)
+            remote = None
+        if remote is not None:
+            last = remote
+            message = remote.status_msg or ""
+            fatal = next(
+                (m for m in FATAL_STATUS_MESSAGES if m.lower() in message.lower()),
+                None,
+            )
+            if fatal is not None or remote.status in FATAL_STATUSES:
+                raise BootFailed(
+                    f"instance {vast_id} (offer {offer.id}) "
+                    f"failed to boot: status {remote.status.value}, "
+                    f"message {message!r}",
+                    instance_id=vast_id,
+                )
+            if remote.status is VastStatus.RUNNING and remote.ssh_host:
+                return remote
+        if time.monotonic() >= deadline:
+            state = (
+                f"status {last.status.value}, message {last.status_msg!r}"
+                if last is not None
+                else "the API never showed it"
+            )
+            raise BootFailed(
+                f"instance {vast_id} (offer {offer.id}) was not running after "
+                f"the boot timeout of {ctx.boot_timeout:g} s ({state}); raise "
+                "--vastai-boot-timeout or pick a smaller image",
+                instance_id=vast_id,
+            )
+        time.sleep(ctx.poll_interval)
+
+
+def prepare(
+    connection: Connection, work_dir: str, *, vast_id: int, offer_id: int
+) -> None:
+    """Create the work directory and install Snakemake at the local version."""
+    result = connection.run(f"mkdir -p {shlex.quote(work_dir)} {JOBS_ROOT}")
+    if result.exit_code != 0:
+        raise BootFailed(
+            f"instance {vast_id} (offer {offer_id}): creating {work_dir} failed: "
+            f"{result.stderr.strip()}",
+            instance_id=vast_id,
+        )
+
+    expected = local_snakemake_version()
+    if expected is None:
+        return
+
+    python = _remote_python(connection)
+    # Reading the package metadata takes milliseconds, where importing
+    # Snakemake for ``--version`` takes seconds on a busy host.
+    probe = connection.run(f"{python} -c {shlex.quote(_VERSION_PROBE)}", timeout=120)
+    found = probe.stdout.strip() if probe.exit_code == 0 else None
+    if found == expected:
+        logger.debug("instance %d has snakemake %s", vast_id, found)
+        return
+    logger.info(
+        "installing snakemake %s on instance %d (found %s)",
+        expected,
+        vast_id,
+        found or "none",
+    )
+    install = connection.run(
+        f"{python} -m pip install --quiet snakemake=={shlex.quote(expected)}",
+        timeout=PIP_TIMEOUT,
+    )
+    if install.exit_code != 0:
+        tail = (install.stderr or install.stdout).strip()[-500:]
+        raise BootFailed(
+            f"instance {vast_id} (offer {offer_id}): pip install "
+            f"snakemake=={expected} failed with exit code {install.exit_code}: {tail}",
+            instance_id=vast_id,
+        )
+
+
+_VERSION_PROBE = "import importlib.metadata as m; print(m.version('snakemake'))"
+
+
+def _remote_python(connection: Connection) -> str:
+    # Images differ in whether they ship "python" or only "python3".
+    result = connection.run("command -v python || command -v python3")
+    path = result.stdout.strip().splitlines()
+    return shlex.quote(path[0]) if result.exit_code == 0 and path else "python3"
+
+
+def matching_idle(
+    records: Collection[InstanceRecord], requirements: Requirements
+) -> list[InstanceRecord]:
+    """Return the idle records that could serve a job with ``requirements``."""
+    return [
+        r
+        for r in records
+        if r.state == InstanceState.IDLE and satisfies(r, requirements)
+    ]
+
+
+def satisfies(record: InstanceRecord, requirements: Requirements) -> bool:
+    """Return whether an instance can run a job with these requirements."""
+    return (
+        record.image == requirements.image
+        and record.extra_query == requirements.extra_query
+        and requirements.matches(record.hardware)
+    )
