@@ -1,0 +1,69 @@
+# Set-up and everyday commands. Only python3 (3.11 or newer) and make are
+# needed: the first target that needs the virtual environment creates it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Touched after a successful install, so later runs skip pip until
+# pyproject.toml changes.
+STAMP := $(VENV)/.installed-test
+DEMO_DIR := .demo
+# Snakemake checks remote jobs every 10 s by default. The pool's status
+# checks only read memory, so the demo checks every second.
+DEMO_FLAGS ?= --seconds-between-status-checks 1
+LINT_PATHS := snakemake_executor_plugin_vastai vastai_pool tests benchmarks examples
+
+.PHONY: help install demo test lint format bench clean distclean
+
+help:
+	@echo "make demo       run the digits example on a local sandbox pool (1 to 2 minutes)"
+	@echo "make test       ruff check, ruff format --check, then the test suite"
+	@echo "make lint       ruff check and ruff format --check only"
+	@echo "make format     reformat the code with ruff"
+	@echo "make bench      run the benchmarks in benchmarks/"
+	@echo "make clean      remove the demo copy and caches (keeps .venv)"
+	@echo "make distclean  clean, and remove .venv too"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Copies only the workflow's sources, never results of a run made in
+# examples/digits itself.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)/digits
+	mkdir -p $(DEMO_DIR)/digits
+	cp examples/digits/Snakefile examples/digits/README.md $(DEMO_DIR)/digits/
+	mkdir -p $(DEMO_DIR)/digits/scripts
+	cp examples/digits/scripts/*.py $(DEMO_DIR)/digits/scripts/
+	cd $(DEMO_DIR)/digits && ../../$(BIN)/snakemake \
+		--executor vastai --vastai-sandbox --jobs 2 $(DEMO_FLAGS)
+	@echo
+	@echo "Results: $(DEMO_DIR)/digits/results/report.md"
+	$(BIN)/python benchmarks/pool_summary.py $(DEMO_DIR)/digits
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+
+test: lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/demo_walltime.py
+	$(BIN)/python benchmarks/warm_overhead.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
