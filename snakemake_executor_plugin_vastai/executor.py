@@ -52,6 +52,17 @@ class Executor(RemoteExecutor):
     """Runs each job, or each group job, on an instance of the warm pool."""
 
     def __post_init__(self) -> None:
+        try:
+            self._set_up()
+        except BaseException:
+            # RemoteExecutor started its status thread before calling us, and
+            # Snakemake never calls ``shutdown`` on an executor that failed to
+            # build, so the thread has to be told to stop here.
+            with self.lock:
+                self.wait = False
+            raise
+
+    def _set_up(self) -> None:
         self.settings: ExecutorSettings = self.workflow.executor_settings
         validate_settings(self.settings)
         # Snakemake has changed into the working directory before it builds

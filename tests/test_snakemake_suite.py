@@ -90,6 +90,9 @@ def test_failed_shutdown_step_still_destroys(
     sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken_shutdown(self: RemoteExecutor) -> None:
+        # Let the status thread end anyway, so it does not outlive the test.
+        with self.lock:
+            self.wait = False
         raise RuntimeError("status thread did not stop")
 
     # The first shutdown step fails; closing the pool must still run.
