@@ -8,9 +8,8 @@ BIN := $(VENV)/bin
 # pyproject.toml changes.
 STAMP := $(VENV)/.installed-test
 DEMO_DIR := .demo
-# Snakemake checks remote jobs every 10 s by default. The pool's status
-# checks only read memory, so the demo checks every second.
-DEMO_FLAGS ?= --seconds-between-status-checks 1
+# Extra snakemake options for the demo, e.g. DEMO_FLAGS=--verbose.
+DEMO_FLAGS ?=
 LINT_PATHS := snakemake_executor_plugin_vastai vastai_pool tests benchmarks examples
 
 .PHONY: help install demo test lint format bench clean distclean

@@ -59,13 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=2, help="--jobs for the pool, --cores locally"
     )
-    parser.add_argument(
-        "--status-check-seconds",
-        type=int,
-        default=1,
-        help="Snakemake's --seconds-between-status-checks for the pool run, as "
-        "`make demo` sets it",
-    )
     args = parser.parse_args(argv)
 
     print(f"machine: {describe_machine()}")
@@ -81,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
                 "--vastai-sandbox",
                 "--jobs",
                 str(args.jobs),
-                "--seconds-between-status-checks",
-                str(args.status_check_seconds),
             ]
             seconds = timed_snakemake(pool_args, workdir)
             summary = summarize_latest_run(find_pool_db(workdir))

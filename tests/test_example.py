@@ -109,10 +109,6 @@ def test_pool_run_matches_local_run(
             str(pool_db),
             "--jobs",
             "2",
-            # The pool's status checks only read memory; Snakemake's default
-            # waits 10 s between rounds.
-            "--seconds-between-status-checks",
-            "1",
         ],
         cwd=workdir,
         home=tmp_path / "home",

@@ -336,7 +336,7 @@ class Instance:
             self.running_since = None
         self.ssh.stop()
         killed = self.processes.kill_all(final=True)
-        logger.info("instance %d: destroyed, %d processes killed", self.id, killed)
+        logger.debug("instance %d: destroyed, %d processes killed", self.id, killed)
 
     # -- billing
 

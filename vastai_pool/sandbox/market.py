@@ -147,7 +147,7 @@ class Market:
             raise
         with self._lock:
             self._instances[instance_id] = instance
-        logger.info("instance %d: rented offer %d", instance_id, offer_id)
+        logger.debug("instance %d: rented offer %d", instance_id, offer_id)
         return {
             "success": True,
             "new_contract": instance_id,
