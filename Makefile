@@ -59,6 +59,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_walltime.py
 	$(BIN)/python benchmarks/warm_overhead.py
+	$(BIN)/python benchmarks/run_job_overhead.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
