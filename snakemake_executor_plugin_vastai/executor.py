@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shlex
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from snakemake.common.tbdstring import TBDString
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
@@ -29,6 +31,7 @@ from snakemake_executor_plugin_vastai.resources import (
 )
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.summary import format_summary
+from vastai_pool.costs import RunCosts, run_costs
 from vastai_pool.credentials import resolve_api_key, resolve_api_url
 from vastai_pool.errors import ConfigError, NoMatchingOffer, PoolError
 from vastai_pool.pool import JobSpec, JobState, Pool, PoolConfig
@@ -65,6 +68,7 @@ class Executor(RemoteExecutor):
     def _set_up(self) -> None:
         self.settings: ExecutorSettings = self.workflow.executor_settings
         validate_settings(self.settings)
+        self._check_planned_jobs()
         # Snakemake has changed into the working directory before it builds
         # the executor; ``workdir:`` in the Snakefile is applied by then.
         self.workdir = Path.cwd()
@@ -103,6 +107,43 @@ class Executor(RemoteExecutor):
             config.api_url,
             config.db_path,
         )
+
+    def _check_planned_jobs(self) -> None:
+        """Raise for an invalid resource of any job the run will submit.
+
+        A bad value in a downstream rule must fail the run before an upstream
+        job rents an instance, not once the upstream outputs exist.
+        """
+        for job in self.workflow.dag.needrun_jobs():
+            if job.is_local:
+                continue
+            try:
+                # Evaluated on the side: the job's own cached resources are
+                # left alone, so values that depend on inputs that do not
+                # exist yet are evaluated again when the job runs.
+                resources = job.rule.expand_resources(
+                    job.wildcards_dict,
+                    job.input,
+                    job.attempt,
+                    skip_evaluation={"tmpdir"},
+                )
+            except Exception as exc:
+                logger.debug(
+                    "Resources of job %s (rule %s) are checked at submission: %s",
+                    job.jobid,
+                    job.rule.name,
+                    exc,
+                )
+                continue
+            known = {
+                name: value
+                for name, value in resources.items()
+                if not isinstance(value, TBDString)
+            }
+            requirements_from_resources(
+                known, job.threads, job.rule.name, self.settings
+            )
+            runtime_minutes(known, job.rule.name)
 
     # Configuration -----------------------------------------------------------
 
@@ -315,17 +356,38 @@ class Executor(RemoteExecutor):
             summary = self._pool.close(interrupted=self._cancelled)
         except PoolError as exc:
             raise WorkflowError(
-                f"Closing the Vast.ai pool failed: {exc}. Run `vastai-pool ls` to "
-                "see what is still rented and `vastai-pool gc` to destroy it."
+                f"Closing the Vast.ai pool failed: {exc}. Run "
+                f"`{self._pool_command('ls')}` to see what is still rented and "
+                f"`{self._pool_command('gc')}` to destroy it."
             ) from exc
-        logger.info("%s", format_summary(summary))
+        logger.info("%s", format_summary(summary, self._run_costs()))
         if summary.instances_alive:
             logger.warning(
                 "%d Vast.ai instances are still alive and billing (kept or "
-                "lingering); `vastai-pool ls` lists them, `vastai-pool gc` "
-                "destroys them.",
+                "lingering); `%s` lists them and `%s` destroys them.",
                 summary.instances_alive,
+                self._pool_command("ls"),
+                self._pool_command("gc --kept"),
             )
+
+    def _pool_command(self, subcommand: str) -> str:
+        """Return the ``vastai-pool`` command line that reaches this run's pool."""
+        assert self._pool is not None
+        config = self._pool.config
+        words = [f"vastai-pool {subcommand}", "--db", shlex.quote(str(config.db_path))]
+        if config.api_url != resolve_api_url(None):
+            words += ["--api-url", shlex.quote(config.api_url)]
+        return " ".join(words)
+
+    def _run_costs(self) -> RunCosts | None:
+        """Return the closed run's costs, or None when the database cannot
+        be read (the summary then shows the pool's own totals)."""
+        assert self._pool is not None
+        try:
+            return run_costs(self._pool.store, self._pool.run_id)
+        except PoolError as exc:
+            logger.warning("Could not compute the costs of the Vast.ai run: %s", exc)
+            return None
 
     def _stop_sandbox(self) -> None:
         if self._sandbox is not None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from snakemake_interface_common.exceptions import WorkflowError
 from vastai.utils import _regions as SDK_REGIONS
 
+from snakemake_executor_plugin_vastai.countries import COUNTRY_CODES
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from vastai_pool.api import parse_offer_query
 from vastai_pool.errors import ConfigError
@@ -104,6 +105,13 @@ def parse_geolocation(value: str | None) -> tuple[str, ...]:
         return REGIONS[text]
     codes = tuple(code.strip() for code in text.split(","))
     if all(_COUNTRY_CODE.fullmatch(code) for code in codes):
+        unknown = [code for code in codes if code not in COUNTRY_CODES]
+        if unknown:
+            raise WorkflowError(
+                f"Invalid --vastai-geolocation {value!r}: {', '.join(unknown)} "
+                "is not an ISO 3166-1 country code. Use two-letter codes such "
+                "as DE,FR,PL, or a region shortcut: " + ", ".join(REGIONS) + "."
+            )
         return tuple(dict.fromkeys(codes))
     shortcuts = ", ".join(REGIONS)
     raise WorkflowError(

@@ -74,7 +74,7 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=40.0,
         metadata={
             "help": "Disk space rented with each instance, in GB. A job's disk_mb "
-            "resource raises it for that job.",
+            "resource raises it for that job. Default: 40.",
         },
     )
     max_price: float | None = field(
@@ -89,7 +89,7 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=0.98,
         metadata={
             "help": "Minimum host reliability score between 0 and 1; 0 disables "
-            "the filter.",
+            "the filter. Default: 0.98.",
         },
     )
     order: str = field(
@@ -129,7 +129,8 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=1800,
         metadata={
             "help": "Seconds a new instance may take to reach running, image "
-            "pull included, before it is destroyed and the job fails.",
+            "pull included, before it is destroyed and the job fails. "
+            "Default: 1800.",
         },
     )
     no_forward_credentials: bool = field(
@@ -144,7 +145,7 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=False,
         metadata={
             "help": "Leave instances running after the run for debugging. They "
-            "keep billing until `vastai-pool gc` or the Vast.ai console "
+            "keep billing until `vastai-pool gc --kept` or the Vast.ai console "
             "destroys them.",
         },
     )
@@ -160,14 +161,15 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=300.0,
         metadata={
             "help": "Seconds an idle instance stays warm during the run before "
-            "it is destroyed.",
+            "it is destroyed. Default: 300.",
         },
     )
     linger: float = field(
         default=0.0,
         metadata={
             "help": "Seconds idle instances stay warm after the run ends, so that "
-            "the next run with the same pool database can reuse them.",
+            "the next run with the same pool database can reuse them. "
+            "Default: 0.",
         },
     )
     max_instances: int | None = field(

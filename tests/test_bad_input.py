@@ -190,3 +190,59 @@ def test_setting_invalid(
     assert result.returncode != 0, output
     assert expected in output
     assert rented(sandbox) == 0
+
+
+def test_downstream_bad_resource_rents_nothing(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    snakefile = """
+        rule all:
+            input: "model.pt"
+
+        rule prepare:
+            output: "data.txt"
+            resources: gpu=1
+            shell: "echo data > {output}"
+
+        rule train:
+            input: "data.txt"
+            output: "model.pt"
+            resources: gpu=-1
+            shell: "cp {input} {output}"
+        """
+    result = run_snakemake(
+        tmp_path,
+        snakefile,
+        "--vastai-api-url",
+        sandbox.url,
+        "--vastai-api-key",
+        sandbox.api_key,
+    )
+    output = output_of(result)
+    assert result.returncode != 0, output
+    assert "gpu=-1 of rule train" in output
+    assert rented(sandbox) == 0
+    assert not (tmp_path / "workflow" / "data.txt").exists()
+
+
+def test_unknown_country_code(sandbox: Sandbox, tmp_path: Path) -> None:
+    result = run_snakemake(
+        tmp_path,
+        """
+        rule train:
+            output: "model.pt"
+            resources: gpu=1
+            shell: "touch {output}"
+        """,
+        "--vastai-api-url",
+        sandbox.url,
+        "--vastai-api-key",
+        sandbox.api_key,
+        "--vastai-geolocation",
+        "DE,XX",
+    )
+    output = output_of(result)
+    assert result.returncode != 0, output
+    assert "Invalid --vastai-geolocation 'DE,XX'" in output
+    assert "XX is not an ISO 3166-1 country code" in output
+    assert rented(sandbox) == 0

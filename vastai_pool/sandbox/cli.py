@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         description="A local emulator of the Vast.ai REST API whose instances "
         "are SSH servers on 127.0.0.1.",
     )
-    commands = sandbox.add_subparsers(dest="sandbox_command", required=True)
+    commands = sandbox.add_subparsers(
+        dest="sandbox_command", required=True, metavar="COMMAND"
+    )
     serve = commands.add_parser(
         "serve",
         help="serve the sandbox API until SIGINT or SIGTERM",
