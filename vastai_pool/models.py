@@ -123,6 +123,12 @@ class Instance(Base):
     cpu_ram_mb: Mapped[float] = mapped_column(Float, default=0.0)
     disk_gb: Mapped[float] = mapped_column(Float, default=0.0)
     dph_total: Mapped[float] = mapped_column(Float, default=0.0)
+    # The two parts of dph_total, in $/h: the rental price (``dph_base``, or
+    # the bid), billed only while the instance runs, and the storage of its
+    # allocated disk (``storage_cost`` $/GB/month x disk / 720), billed from
+    # creation to destroy. None on rows written before they were recorded.
+    dph_base: Mapped[float | None] = mapped_column(Float, default=None)
+    storage_dph: Mapped[float | None] = mapped_column(Float, default=None)
     reliability: Mapped[float] = mapped_column(Float, default=0.0)
     datacenter: Mapped[bool] = mapped_column(Boolean, default=False)
     country: Mapped[str | None] = mapped_column(String(8), default=None)
@@ -130,6 +136,9 @@ class Instance(Base):
     ssh_port: Mapped[int | None] = mapped_column(Integer, default=None)
     host_key: Mapped[str | None] = mapped_column(Text, default=None)
     rented_at: Mapped[float] = mapped_column(Float)
+    # When the API first reported the instance running (the rental price
+    # starts then); ready_at is later, after SSH and preparation.
+    running_at: Mapped[float | None] = mapped_column(Float, default=None)
     ready_at: Mapped[float | None] = mapped_column(Float, default=None)
     last_busy_at: Mapped[float | None] = mapped_column(Float, default=None)
     idle_since: Mapped[float | None] = mapped_column(Float, default=None)
@@ -203,3 +212,12 @@ class Event(Base):
         _enum_column(DestroyReason, 32), default=None
     )
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class PoolMeta(Base):
+    """Facts about the pool database itself, such as its ``pool_id``."""
+
+    __tablename__ = "pool_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
