@@ -318,16 +318,18 @@ class JobRunner:
         self.connection.kill_detached(self.job_dir)
         self._copy_log(log, offset)
         self.fetch(self.spec.logs)
-        logger.warning(
-            "%s exceeded its runtime limit of %g minutes on instance %d; killed",
+        unit = "minute" if minutes == 1 else "minutes"
+        logger.debug(
+            "%s exceeded its runtime limit of %g %s on instance %d; killed",
             self.name,
             minutes,
+            unit,
             self.record.vast_id,
         )
         return JobResult(
             LeaseOutcome.FAILED,
             None,
-            f"{self.name} exceeded its runtime limit of {minutes:g} minutes "
+            f"{self.name} exceeded its runtime limit of {minutes:g} {unit} "
             f"(resource 'runtime') and was killed; instance {self.record.vast_id} "
             "was destroyed because its state is unknown. Raise 'runtime' if the "
             "job needs longer.",

@@ -32,6 +32,12 @@ from vastai_pool.store import InstanceRecord, Store
 
 logger = logging.getLogger(__name__)
 
+try:
+    from vastai_pool.costs import rental_price_fields, running_fields
+except ImportError:  # a build without cost accounting records no price parts
+    rental_price_fields = None  # type: ignore[assignment]
+    running_fields = None  # type: ignore[assignment]
+
 # Text in status_msg that means the container will never start (seen by the
 # Snakemake Vast.ai plugin and in Vast.ai's docs), so waiting is pointless.
 FATAL_STATUS_MESSAGES = (
@@ -68,8 +74,17 @@ class RentalContext:
     boot_timeout: float
     poll_interval: float
     keep: bool
-    # Returns a fresh label ``vastai-pool-<run-short>-<n>`` on each call.
+    # Returns a fresh label ``<Store.label_prefix><run-short>-<n>`` on each call.
     next_label: Callable[[], str]
+    # Called with each offer just before it is rented; raises (for example
+    # ``BudgetSpent``) to forbid the rental.
+    admit: Callable[[Offer], None] | None = None
+    # Returns True once the rental should be abandoned (the job was cancelled).
+    should_stop: Callable[[], bool] | None = None
+
+
+class RentalCancelled(PoolError):
+    """A rental was abandoned because its job was cancelled; nothing is left."""
 
 
 @dataclass
@@ -106,6 +121,10 @@ def destroy(
     """
     if record.state == InstanceState.DESTROYED:
         return
+    if record.state == InstanceState.DESTROYING and record.destroy_reason is not None:
+        # The first claim's reason is the cause. A second destroy, such as
+        # the job that then lost its host, keeps that reason.
+        reason = record.destroy_reason
     if record.state != InstanceState.DESTROYING:
         db.transition(
             store, record.pk, InstanceState.DESTROYING, why=why, reason=reason
@@ -155,6 +174,9 @@ def rent(
             )
         candidates.sort(key=lambda o: o.hardware.dph_total)
         for offer in candidates:
+            _check_stop(ctx, f"before renting offer {offer.id}")
+            if ctx.admit is not None:
+                ctx.admit(offer)
             record = _create(ctx, requirements, offer)
             if record is None:
                 continue
@@ -173,6 +195,11 @@ def rent(
         "rented; try again, or relax the job's resources.",
         query=query,
     )
+
+
+def _check_stop(ctx: RentalContext, when: str) -> None:
+    if ctx.should_stop is not None and ctx.should_stop():
+        raise RentalCancelled(f"the rental was abandoned {when}: the job was cancelled")
 
 
 def _create(
@@ -256,12 +283,18 @@ def _create(
         offer.hardware.gpu_name,
         offer.hardware.dph_total,
     )
+    prices = (
+        {}
+        if rental_price_fields is None
+        else rental_price_fields(offer.raw, requirements.disk_gb)
+    )
     return db.transition(
         ctx.store,
         pk,
         InstanceState.BOOTING,
         why=f"created from offer {offer.id}",
         vast_id=vast_id,
+        **prices,
     )
 
 
@@ -320,6 +353,17 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
         ctx.api.attach_ssh_key(vast_id, public_key)
         remote = wait_until_running(ctx, vast_id, offer)
         assert remote.ssh_host is not None and remote.ssh_port is not None
+        if running_fields is not None:
+            # The rental price is billed from here on, the storage since create.
+            db.transition(
+                ctx.store,
+                record.pk,
+                InstanceState.BOOTING,
+                why="running",
+                **running_fields(
+                    remote.raw, seen_at=ctx.store.clock(), rented_at=record.rented_at
+                ),
+            )
         connection = Connection(Endpoint(remote.ssh_host, remote.ssh_port), private_key)
         try:
             host_key = connection.connect(
@@ -345,7 +389,7 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
     except BaseException as exc:
         if connection is not None:
             connection.close()
-        if isinstance(exc, BootFailed):
+        if isinstance(exc, (BootFailed, RentalCancelled)):
             why = str(exc)
         elif isinstance(exc, PoolError):
             why = f"boot of instance {vast_id} (offer {offer.id}) failed: {exc}"
@@ -359,7 +403,9 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
             reason=DestroyReason.BOOT_FAILED,
             why=why,
         )
-        if isinstance(exc, PoolError) and not isinstance(exc, BootFailed):
+        if isinstance(exc, PoolError) and not isinstance(
+            exc, (BootFailed, RentalCancelled)
+        ):
             raise BootFailed(why, instance_id=vast_id) from exc
         raise
 
@@ -371,6 +417,7 @@ def wait_until_running(
     deadline = time.monotonic() + ctx.boot_timeout
     last: RemoteInstance | None = None
     while True:
+        _check_stop(ctx, f"while instance {vast_id} booted")
         try:
             remote = ctx.api.show_instance(vast_id)
         except ApiError as exc:
