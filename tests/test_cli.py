@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from vastai_pool import store as pool_store
-from vastai_pool.cli import main
+from vastai_pool.cli import iso_time, main
 from vastai_pool.credentials import DEFAULT_API_URL, resolve_api_key, resolve_api_url
 from vastai_pool.errors import ConfigError
 from vastai_pool.models import DestroyReason, InstanceState
@@ -608,3 +608,44 @@ def test_gc_retries_failed_destroy(
     assert out.startswith(f"destroyed instance {orphan_id} orphan ")
     assert states(db_path)["orphan"] is InstanceState.DESTROYED
     assert sandbox.ledger()["alive"] == []
+
+
+def test_ls_deadline_of_lingering_instance_is_its_linger_deadline(
+    db_path: Path, closed_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill_pool(db_path, closed_url)
+    until = time.time() + 3600
+    with Store(db_path) as store:
+        (orphan,) = [r for r in pool_store.list_instances(store) if r.label == "orphan"]
+        assert pool_store.set_linger(store, orphan, until, why="test") is not None
+
+    code, out, _ = run_cli(
+        capsys, "ls", "--json", "--db", str(db_path), "--api-url", closed_url
+    )
+
+    assert code == 0
+    rows = {row["label"]: row for row in json.loads(out)}
+    assert rows["orphan"]["deadline"] == iso_time(until)
+
+
+def test_reap_without_pool_file_explains_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(
+        capsys, "reap", "--db", str(tmp_path / "none.sqlite"), "--api-key", API_KEY
+    )
+    assert code == 1
+    assert "No pool database at" in err
+    assert "--db" in err
+
+
+def test_ls_missing_db_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo" / "pool.sqlite"
+    code, out, err = run_cli(capsys, "ls", "--json", "--db", str(missing))
+
+    assert code == 0
+    assert json.loads(out) == []
+    assert f"no pool database at {missing}" in err
+    assert not (tmp_path / "typo").exists()

@@ -11,10 +11,12 @@ import contextlib
 import enum
 import io
 import logging
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from vastai import VastAI
@@ -24,6 +26,8 @@ from vastai_pool.errors import ApiError, ConfigError, OfferUnavailable
 from vastai_pool.requirements import Hardware
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Filters the SDK adds to every offer search unless ``no_default`` is set
 # (vastai 1.9.1). They are seeded before parsing so that a user's
@@ -45,6 +49,47 @@ _DESTROY_BACKOFF = 1.0
 # documents a minimum of 4.5 s between creates.
 _CREATE_ATTEMPTS = 4
 _CREATE_RATE_LIMIT_PAUSE = 5.0
+
+
+# Replies worth sending a read again for: rate limited, or a gateway or server
+# that is briefly unavailable. Vast.ai's 429 often comes as plain text and
+# without Retry-After.
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Longest Retry-After (seconds) obeyed; the SDK uses the same bound.
+_MAX_RETRY_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, bounded in attempts and time.
+
+    Pause ``n`` (from 0) is uniform in [0, min(cap, first * 2**n)], or a
+    numeric Retry-After when the server sends one. No pause starts that
+    would end after ``total`` seconds since the first attempt.
+    """
+
+    attempts: int = 6
+    first: float = 0.25
+    cap: float = 8.0
+    total: float = 45.0
+
+    def pause(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        return random.uniform(0.0, min(self.cap, self.first * 2**attempt))
+
+
+def _retry_after(exc: ApiError) -> float | None:
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    if response is None:
+        return None
+    value = response.headers.get("Retry-After")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 <= seconds <= _MAX_RETRY_AFTER else None
 
 
 class VastStatus(enum.StrEnum):
@@ -235,6 +280,17 @@ def _error_body(response: requests.Response | None) -> tuple[str | None, str]:
     return (str(code) if code else None), str(message)
 
 
+def _base_url(exc: requests.RequestException) -> str:
+    """Return scheme://host:port of the failed request; never its query,
+    which may carry the API key."""
+    request = exc.request
+    if request is None or not request.url:
+        return "the configured URL"
+    parts = urlsplit(request.url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}"
+
+
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
     """Turn SDK and HTTP failures of one call into ``ApiError``."""
@@ -258,8 +314,9 @@ def _translated(what: str) -> Iterator[None]:
         raise ApiError(text, status=status, error_code=code) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise ApiError(
-            f"Vast.ai API call {what} failed: the API could not be reached "
-            f"({type(exc).__name__}). Check the API URL and the network."
+            f"Vast.ai API call {what} failed: the API at {_base_url(exc)} could "
+            f"not be reached ({type(exc).__name__}). Check the API URL "
+            "(--vastai-api-url, VAST_URL) and the network."
         ) from exc
     except requests.RequestException as exc:
         raise ApiError(f"Vast.ai API call {what} failed: {type(exc).__name__}") from exc
@@ -302,6 +359,12 @@ class VastApi:
         # The SDK would resend a create after a 502-504 or a dropped connection,
         # when Vast.ai may already have rented the offer, so creates go out once.
         self._sdk_once = VastAI(api_key=api_key, server_url=self.api_url, retry=1)
+        # Reads (show, list) back off here rather than in the SDK, whose
+        # pauses (0.15 s growing x1.5 over ``retry`` attempts) are too short
+        # for a 429 and would multiply with ours.
+        self.list_backoff = Backoff()
+        self._sleep = time.sleep
+        self._monotonic = time.monotonic
 
     def search_offers(
         self, query: str, *, order: str, disk_gb: float, limit: int = 64
@@ -408,18 +471,68 @@ class VastApi:
         _check_success(reply, what)
 
     def show_instance(self, instance_id: int) -> RemoteInstance | None:
-        """Return the instance, or None when the API does not (or no longer) know it."""
-        with _translated(f"show instance {instance_id}"):
-            row = self._sdk.show_instance(instance_id)
+        """Return the instance, or None when the API does not (or no longer) know it.
+
+        Backs off on 429 and 502-504 like ``list_instances``.
+        """
+        row = self._read(
+            f"show instance {instance_id}",
+            lambda: self._sdk_once.show_instance(instance_id),
+        )
         if row is None:
             return None
         return remote_instance_from_row(row)
 
     def list_instances(self) -> list[RemoteInstance]:
-        """Return all of the account's instances, from every page of the v1 list."""
-        with _translated("list instances"):
-            rows = self._sdk.show_instances()
+        """Return all of the account's instances, from every page of the v1 list.
+
+        The SDK follows ``next_token`` through the pages. A 429 or 502-504
+        reply on any page sends the whole list again after a pause
+        (``list_backoff``). When the attempts or the time run out,
+        ``ApiError`` is raised with the last failure.
+        """
+        rows = self._read("list instances", self._sdk_once.show_instances)
         return [remote_instance_from_row(row) for row in rows or []]
+
+    def _read(self, what: str, call: Callable[[], T]) -> T:
+        """Make a read-only call, sent again after a pause on 429 and
+        502-504 within ``list_backoff``, and once more after a connection
+        failure."""
+        backoff = self.list_backoff
+        started = self._monotonic()
+        attempt = 0
+        while True:
+            try:
+                with _translated(what):
+                    return call()
+            except ApiError as exc:
+                retryable = exc.status is None or exc.status in _RETRY_STATUSES
+                if not retryable:
+                    raise
+                attempt += 1
+                pause = backoff.pause(attempt - 1, _retry_after(exc))
+                elapsed = self._monotonic() - started
+                # An unreachable API is more often a wrong URL than a blip:
+                # one more try only.
+                attempts = backoff.attempts if exc.status is not None else 2
+                if attempt >= attempts or elapsed + pause > backoff.total:
+                    raise ApiError(
+                        f"{exc} (gave up after {attempt} attempts in "
+                        f"{elapsed:.1f} s; the API is rate limiting or "
+                        "unavailable, try again in a minute)",
+                        status=exc.status,
+                        error_code=exc.error_code,
+                    ) from exc
+                logger.warning(
+                    "Vast.ai API call %s failed (attempt %d of %d), retrying in "
+                    "%.2f s: %s",
+                    what,
+                    attempt,
+                    backoff.attempts,
+                    pause,
+                    exc,
+                )
+                self._sleep(pause)
 
     def find_by_label(self, label: str) -> RemoteInstance | None:
         """Return the account's instance carrying ``label``, or None."""

@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="destroy instances that no live run owns",
         description="Destroy the account's instances whose owning run is over "
-        "(ended, its process gone, or its heartbeat stale), and with --kept "
-        "also the kept ones.",
+        "(ended, its process gone, or its heartbeat stale), idle and lingering "
+        "ones included, and listed instances with the pool's label that the "
+        "database does not track; with --kept also the kept ones. Rows whose "
+        "instance Vast.ai no longer lists are marked lost.",
     )
     gc.add_argument(
         "--dry-run", action="store_true", help="print what would be destroyed"
@@ -89,8 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--kept", action="store_true", help="destroy kept instances too")
     gc.set_defaults(func=run_gc)
 
+    reap = subparsers.add_parser(
+        "reap",
+        parents=[common],
+        help="destroy lingering instances at their deadlines",
+        description="Start a detached process that destroys each lingering "
+        "instance of the account at its deadline (unless a run adopts it), "
+        "ends runs that died, and exits when nothing lingers. Only one runs per "
+        "pool file and account; it logs next to the pool database.",
+    )
+    reap.add_argument(
+        "--foreground",
+        action="store_true",
+        help="run in this process instead of detaching",
+    )
+    reap.set_defaults(func=run_reap)
+
+    _add_report_parser(subparsers)
     _add_sandbox_parser(subparsers)
     return parser
+
+
+def _add_report_parser(subparsers: Any) -> None:
+    try:
+        from vastai_pool import costs
+    except ImportError as exc:
+        logger.debug("report command unavailable: %s", exc)
+        return
+    costs.add_report_parser(subparsers)
 
 
 def _add_sandbox_parser(subparsers: Any) -> None:
@@ -130,9 +158,30 @@ def _err(text: str) -> None:
 # ls ---------------------------------------------------------------------
 
 
+def _existing_db(args: argparse.Namespace) -> Path | None:
+    """Return the pool database path, or None after saying it does not exist.
+
+    ``ls`` and ``gc`` only read or clean an existing pool; opening a missing
+    path would create an empty database there, e.g. at a mistyped ``--db``.
+    """
+    path = Path(args.db or default_db_path()).expanduser()
+    if path.exists():
+        return path
+    sys.stderr.write(
+        f"vastai-pool: no pool database at {path}, so nothing was rented "
+        "through it. Give the right file with --db.\n"
+    )
+    return None
+
+
 def run_ls(args: argparse.Namespace) -> int:
     api_url = resolve_api_url(args.api_url)
-    with Store(args.db or default_db_path()) as store:
+    db_path = _existing_db(args)
+    if db_path is None:
+        if args.json:
+            sys.stdout.write("[]\n")
+        return 0
+    with Store(db_path) as store:
         try:
             api_key = resolve_api_key(args.api_key)
         except ConfigError:
@@ -252,7 +301,11 @@ def run_gc(args: argparse.Namespace) -> int:
     api_url = resolve_api_url(args.api_url)
     api_key = resolve_api_key(args.api_key)
     account = account_id(api_url, api_key)
-    with Store(args.db or default_db_path()) as store:
+    db_path = _existing_db(args)
+    if db_path is None:
+        sys.stdout.write("Nothing to destroy.\n")
+        return 0
+    with Store(db_path) as store:
         report = inventory.collect_garbage(
             store,
             _open_api(api_url, api_key),
@@ -264,9 +317,21 @@ def run_gc(args: argparse.Namespace) -> int:
         _err(f"{PROG}: states are from the database only ({report.refresh.problem})")
     for record in report.refresh.marked_lost:
         _out(f"marked lost {_describe(record)}: Vast.ai no longer lists it")
-    if not report.actions:
-        _out("Nothing to destroy.")
+    for run_id in report.recovered_runs:
+        _out(f"ended run {run_id}: its process died without closing the pool")
+
     verb = "would destroy" if report.dry_run else "destroyed"
+    if not report.actions and not report.strays:
+        _out("Nothing to destroy.")
+    for stray in report.strays:
+        remote = stray.remote
+        if stray.error:
+            _err(
+                f"{PROG}: error: destroying instance {remote.id} {remote.label} "
+                f"failed: {stray.error}"
+            )
+        else:
+            _out(f"{verb} instance {remote.id} {remote.label}: it {stray.why}")
     for action in report.actions:
         if action.error:
             _err(
@@ -277,7 +342,7 @@ def run_gc(args: argparse.Namespace) -> int:
             _out(f"{verb} {_describe(action.record)}: {action.why}")
     for record in report.skipped:
         _out(f"skipped {_describe(record)}: another process changed it meanwhile")
-    return 1 if report.failed else 0
+    return 0 if report.ok else 1
 
 
 def _describe(record: InstanceRecord) -> str:
@@ -287,6 +352,32 @@ def _describe(record: InstanceRecord) -> str:
         f"instance {vast_id} {record.label} ({hardware.num_gpus}x "
         f"{hardware.gpu_name}, ${hardware.dph_total:.3f}/h)"
     )
+
+
+# reap -------------------------------------------------------------------
+
+
+def run_reap(args: argparse.Namespace) -> int:
+    from vastai_pool import reap
+
+    api_url = resolve_api_url(args.api_url)
+    api_key = resolve_api_key(args.api_key)
+    db_path = Path(args.db or default_db_path()).expanduser()
+    if not db_path.is_file():
+        raise ConfigError(
+            f"No pool database at {db_path}; pass --db with the file a run used."
+        )
+    if not args.foreground:
+        reap.spawn_reaper(db_path, api_url, api_key)
+        _out(f"reaper started; it logs to {reap.log_path(db_path)}")
+        return 0
+    reap.log_to_file(db_path)
+    try:
+        return reap.reap_forever(db_path, api_url, api_key)
+    except Exception:
+        # A detached reaper has no stderr, so the log file is the only trace.
+        logger.exception("the reaper for %s failed", db_path)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ first statement. Times are epoch seconds from ``Store.clock``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.orm import Session
 
 from vastai_pool import db
-from vastai_pool.errors import PoolError
+from vastai_pool.errors import PoolDatabaseError, PoolError
 from vastai_pool.models import (
     ALIVE_STATES,
     DestroyReason,
@@ -34,15 +35,20 @@ from vastai_pool.models import (
     InstanceState,
     Lease,
     LeaseOutcome,
+    PoolMeta,
     Run,
 )
 from vastai_pool.requirements import Hardware, Requirements
 
 logger = logging.getLogger(__name__)
 
-# A run whose heartbeat is older than this is over, even on another host. The
-# pool writes one every 30 s (``vastai_pool.reaper.HEARTBEAT_SECONDS``).
-RUN_STALE_SECONDS = 300.0
+# Labels of every pool's instances start with this; see ``Store.label_prefix``
+# for the part that tells pool databases apart.
+LABEL_PREFIX = "vastai-pool-"
+
+# A run whose heartbeat is older than this is over, even on another host: four
+# missed beats of the 30 s heartbeat (``vastai_pool.reaper.HEARTBEAT_SECONDS``).
+RUN_STALE_SECONDS = 120.0
 
 _GONE_STATES = frozenset({InstanceState.DESTROYED, InstanceState.LOST})
 # Columns that ``transition`` maintains itself and callers may not set.
@@ -97,6 +103,24 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @functools.cached_property
+    def label_prefix(self) -> str:
+        """Start of the label of every instance this pool database rents.
+
+        ``vastai-pool-<pool id>-``, with the random id the database got when
+        it was created, so reconciliation never mistakes another pool file's
+        instances on the same account for strays, and moving the file keeps
+        its instances recognizable.
+        """
+        with self.sessions.read() as session:
+            pool_id = session.get(PoolMeta, "pool_id")
+            if pool_id is None:
+                raise PoolDatabaseError(
+                    f"pool database {self.path} has no pool id; it was not "
+                    "created by vastai-pool. Move it aside or use another file."
+                )
+            return f"{LABEL_PREFIX}{pool_id.value}-"
 
     def __enter__(self) -> Store:
         return self
@@ -485,6 +509,82 @@ def _apply_transition(
     )
 
 
+def mark_gone(store: Store, pk: int, *, why: str) -> InstanceRecord | None:
+    """Record that Vast.ai no longer lists an instance, in one transaction.
+
+    A ``destroying`` row becomes ``destroyed``, a row in any other alive
+    state ``lost`` (reason ``gone``). Return None, changing nothing, when the
+    row is already destroyed or lost.
+    """
+    with store.sessions.write() as session:
+        row = _get_instance_row(session, pk)
+        previous = InstanceState(row.state)
+        if previous in _GONE_STATES:
+            return None
+        if previous is InstanceState.DESTROYING:
+            _apply_transition(
+                session, row, InstanceState.DESTROYED, store.clock(), why, None, {}
+            )
+        else:
+            _apply_transition(
+                session,
+                row,
+                InstanceState.LOST,
+                store.clock(),
+                why,
+                DestroyReason.GONE,
+                {},
+            )
+        return _instance_record(row)
+
+
+def set_linger(
+    store: Store, seen: InstanceRecord, until: float, *, why: str
+) -> InstanceRecord | None:
+    """Give an idle instance the linger deadline ``until`` (epoch seconds) if
+    it is still idle and owned by the run of ``seen``; else return None."""
+    with store.sessions.write() as session:
+        row = _get_instance_row(session, seen.pk)
+        if row.state != InstanceState.IDLE or row.run_id != seen.run_id:
+            return None
+        row.linger_until = until
+        session.add(
+            Event(
+                at=store.clock(),
+                instance_pk=row.pk,
+                run_id=row.run_id,
+                kind="linger",
+                detail=why,
+            )
+        )
+        return _instance_record(row)
+
+
+def find_by_label(store: Store, label: str) -> InstanceRecord | None:
+    """Return the instance row carrying ``label`` (alive or not), or None."""
+    with store.sessions.read() as session:
+        row = session.scalar(select(Instance).where(Instance.label == label))
+        return _instance_record(row) if row is not None else None
+
+
+def lingering_instances(
+    store: Store, *, account: str | None = None
+) -> list[InstanceRecord]:
+    """Return the idle instances that carry a linger deadline, soonest first."""
+    statement = (
+        select(Instance)
+        .where(
+            Instance.state == InstanceState.IDLE,
+            Instance.linger_until.is_not(None),
+        )
+        .order_by(Instance.linger_until, Instance.pk)
+    )
+    if account is not None:
+        statement = statement.where(Instance.account == account)
+    with store.sessions.read() as session:
+        return [_instance_record(row) for row in session.scalars(statement)]
+
+
 def get_instance(store: Store, pk: int) -> InstanceRecord:
     with store.sessions.read() as session:
         return _instance_record(_get_instance_row(session, pk))
@@ -712,6 +812,38 @@ def end_lease(
         if exit_code is not None:
             why += f" with exit code {exit_code}"
         _apply_transition(session, row, instance_state, now, why, None, {})
+
+
+def end_open_leases(store: Store, run_id: str, outcome: LeaseOutcome) -> list[int]:
+    """End every open lease of a run with ``outcome``; return their ids.
+
+    The instances keep their state: the caller decides what becomes of them.
+    """
+    statement = select(Lease).where(Lease.run_id == run_id, Lease.ended_at.is_(None))
+    with store.sessions.write() as session:
+        now = store.clock()
+        ended = []
+        for lease in session.scalars(statement):
+            lease.ended_at = now
+            lease.outcome = outcome
+            ended.append(lease.id)
+            session.add(
+                Event(
+                    at=now,
+                    instance_pk=lease.instance_pk,
+                    run_id=run_id,
+                    kind="lease_ended",
+                    detail=f"lease {lease.id} of rule {lease.rule} job "
+                    f"{lease.job_id} ended as {outcome.value}: its run is over",
+                )
+            )
+        return ended
+
+
+def all_leases(store: Store) -> list[Lease]:
+    """Return every lease, oldest first, as detached rows."""
+    with store.sessions.read() as session:
+        return list(session.scalars(select(Lease).order_by(Lease.id)))
 
 
 def lease_heartbeat(store: Store, lease_id: int) -> None:
