@@ -55,8 +55,13 @@ def summarize_latest_run(db_path: Path) -> PoolSummary:
         if row is None:
             raise SystemExit(f"The pool database {db_path} records no run yet.")
         (run_id,) = row
+        # Rented by this run: created (renting -> booting) while the run was
+        # the owner. An offer taken before the create leaves a renting row
+        # that never boots, and an adopted instance was rented by another run.
         (rented,) = database.execute(
-            "SELECT COUNT(*) FROM instances WHERE run_id = ?", (run_id,)
+            "SELECT COUNT(DISTINCT instance_pk) FROM events WHERE run_id = ? "
+            "AND kind = 'booting' AND from_state = 'renting'",
+            (run_id,),
         ).fetchone()
         (jobs, warm_jobs) = database.execute(
             "SELECT COUNT(*), COALESCE(SUM(warm), 0) FROM leases WHERE run_id = ?",
@@ -64,8 +69,9 @@ def summarize_latest_run(db_path: Path) -> PoolSummary:
         ).fetchone()
         placeholders = ",".join("?" * len(ALIVE_STATES))
         (alive,) = database.execute(
-            f"SELECT COUNT(*) FROM instances WHERE state IN ({placeholders})",
-            ALIVE_STATES,
+            f"SELECT COUNT(*) FROM instances WHERE state IN ({placeholders}) "
+            "AND run_id = ?",
+            (*ALIVE_STATES, run_id),
         ).fetchone()
     return PoolSummary(run_id, rented, jobs, warm_jobs, alive)
 

@@ -308,7 +308,11 @@ class Executor(RemoteExecutor):
                 if status.instance_id and str(status.instance_id) not in message:
                     message += f" (Vast.ai instance {status.instance_id})"
                 aux_logs = [str(status.log_path)] if status.log_path else []
-                self.report_job_error(job_info, msg=f"{message}. ", aux_logs=aux_logs)
+                # Snakemake appends its own sentence right after the message.
+                ending = "" if message.endswith(".") else "."
+                self.report_job_error(
+                    job_info, msg=f"{message}{ending} ", aux_logs=aux_logs
+                )
 
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
         self._cancelled = True

@@ -11,19 +11,24 @@ import dataclasses
 import enum
 import itertools
 import logging
+import signal
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
+from vastai_pool import inventory, reap
 from vastai_pool import store as db
-from vastai_pool.api import VastApi
+from vastai_pool.api import Offer, VastApi
+from vastai_pool.budget import BudgetSpent, BudgetView, Hold, assess, instance_spend
 from vastai_pool.errors import NoMatchingOffer, PoolError, SshError
 from vastai_pool.models import DestroyReason, InstanceState, LeaseOutcome
-from vastai_pool.reaper import start_reaper
+from vastai_pool.reaper import Timers, budget_check_seconds, start_timers
 from vastai_pool.remote import (
     JobResult,
     JobRunner,
@@ -31,7 +36,13 @@ from vastai_pool.remote import (
     local_log_path,
     remote_work_dir,
 )
-from vastai_pool.rental import RentalContext, destroy, rent, satisfies
+from vastai_pool.rental import (
+    RentalCancelled,
+    RentalContext,
+    destroy,
+    rent,
+    satisfies,
+)
 from vastai_pool.requirements import Requirements
 from vastai_pool.ssh import Connection, Endpoint, ensure_keypair
 
@@ -138,6 +149,10 @@ _COUNTED_STATES = frozenset(
 )
 # Seconds ``cancel`` waits for a cancelled job's worker to clean up.
 _CANCEL_WAIT = 120.0
+# The budget timer stops running jobs once the spend plus this many timer
+# intervals of billing reaches the budget: one interval for the timer's own
+# lateness, one for destroying the instances.
+_BUDGET_LOOKAHEAD_INTERVALS = 2.0
 
 
 class _Cancelled(Exception):
@@ -152,6 +167,9 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
     runner: JobRunner | None = None
+    # Replaces the job's failure message when the pool itself stopped the job
+    # (budget spent, SIGTERM).
+    stop_message: str | None = None
 
 
 class Pool:
@@ -185,6 +203,16 @@ class Pool:
         self._labels = itertools.count(1)
         self._summary: RunSummary | None = None
         self._closing = False
+        self._run_started_at = 0.0
+        # Budget state, guarded by ``_placement``: each placed job's hold, and
+        # the message jobs fail with once the budget is spent.
+        self._holds: dict[str, Hold] = {}
+        self._budget_stop: str | None = None
+        self._budget_interval = budget_check_seconds(config.poll_interval)
+        # Requirements of the jobs waiting for room under max-instances.
+        self._waiting: dict[str, Requirements] = {}
+        self._previous_sigterm: object = None
+        self._sigterm_installed = False
 
     # Lifecycle --------------------------------------------------------------
 
@@ -219,13 +247,34 @@ class Pool:
         self._executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="vastai-pool-job"
         )
-        self._scheduler = start_reaper(
-            reap_idle=self._reap_idle,
-            heartbeat=self._heartbeat,
-            idle_timeout=config.idle_timeout,
-        )
+        self._run_started_at = db.get_run(self._store, self.run_id).started_at
+        self._scheduler = start_timers(self._timers())
+        self._install_sigterm_handler()
         logger.info("pool run %s opened on %s", self.run_id, config.api_url)
         return self.run_id
+
+    def _timers(self) -> Timers:
+        # Crash recovery and reconciliation live in ``inventory``; a build
+        # without them still runs the pool's own timers.
+        recover = getattr(inventory, "recover_stale_runs", None)
+        reconcile = getattr(inventory, "reconcile", None)
+        return Timers(
+            reap_idle=self._reap_idle,
+            heartbeat=self._heartbeat,
+            idle_timeout=self.config.idle_timeout,
+            budget=self._check_budget if self.config.budget is not None else None,
+            budget_interval=self._budget_interval,
+            recover_stale_runs=(
+                None
+                if recover is None
+                else lambda: recover(self.store, self.api, self.account)
+            ),
+            reconcile=(
+                None
+                if reconcile is None
+                else lambda: reconcile(self.store, self.api, self.account)
+            ),
+        )
 
     def check_market(self, requirements: Requirements) -> None:
         """Raise ``NoMatchingOffer`` (carrying the query) when no idle
@@ -269,6 +318,9 @@ class Pool:
                 f"the pool of run {self.run_id} is closing, so job {spec.job_id} "
                 f"(rule {spec.rule}) was not submitted"
             )
+        # Snakemake installs its own SIGTERM handler after building the
+        # executor, so the pool's handler is put back in front of it here.
+        self._install_sigterm_handler()
         handle = f"{spec.rule}-{spec.job_id}-{spec.attempt}-{uuid.uuid4().hex[:8]}"
         job = _Job(handle, spec, JobStatus(JobState.QUEUED))
         with self._jobs_lock:
@@ -310,22 +362,28 @@ class Pool:
         if self._store is None:
             raise PoolError("the pool was never opened, so there is no run to close")
         self._closing = True
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=True)
-        if interrupted:
-            self.cancel(list(self._jobs))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        restore_sigint = self._shield_sigint()
+        try:
+            if self._scheduler is not None:
+                self._scheduler.shutdown(wait=True)
+            if interrupted:
+                self.cancel(list(self._jobs))
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
 
-        self._release_instances(interrupted=interrupted)
-        for connection in self._connections.values():
-            connection.close()
-        self._connections.clear()
+            self._release_instances(interrupted=interrupted)
+            for connection in self._connections.values():
+                connection.close()
+            self._connections.clear()
 
-        db.end_run(self.store, self.run_id)
-        summary = self._run_summary()
-        self._summary = summary
-        self.store.close()
+            db.end_run(self.store, self.run_id)
+            summary = self._run_summary()
+            self._summary = summary
+            self._hand_lingering_to_reaper()
+            self.store.close()
+        finally:
+            restore_sigint()
+            self._restore_sigterm_handler()
         logger.info(
             "pool run %s ended: %d jobs (%d on warm instances), %d instances "
             "rented, %d alive, about $%.4f billed",
@@ -337,6 +395,34 @@ class Pool:
             summary.billed_usd,
         )
         return summary
+
+    def _hand_lingering_to_reaper(self) -> None:
+        """Start ``vastai-pool reap`` when idle instances outlive the run.
+
+        This process is about to exit, so a detached reaper destroys each
+        lingering instance at its deadline unless a later run adopts it.
+        """
+        if not db.lingering_instances(self.store, account=self.account):
+            return
+        try:
+            reap.spawn_reaper(
+                self.config.db_path, self.config.api_url, self.config.api_key
+            )
+        except OSError as exc:
+            logger.error(
+                "Could not start the reaper for lingering instances (%s); run "
+                "`vastai-pool reap --db %s` or `vastai-pool gc --db %s` to "
+                "destroy them.",
+                exc,
+                self.config.db_path,
+                self.config.db_path,
+            )
+            return
+        logger.info(
+            "Lingering instances are left to a detached `vastai-pool reap`; its "
+            "log is %s",
+            reap.log_path(Path(self.config.db_path).expanduser().resolve()),
+        )
 
     def _release_instances(self, *, interrupted: bool) -> None:
         config = self.config
@@ -381,18 +467,20 @@ class Pool:
         counts = db.run_summary_counts(self.store, self.run_id)
         now = self.store.clock()
         billed = 0.0
+        rented = 0
         records = db.list_instances(
             self.store, account=self.account, include_destroyed=True
         )
         for record in records:
+            # A row without a Vast.ai id is an offer that was taken before
+            # the create call could rent it.
             if record.run_id != self.run_id or record.vast_id is None:
                 continue
-            end = record.destroyed_at if record.destroyed_at is not None else now
-            hours = max(0.0, end - record.rented_at) / 3600
-            billed += record.hardware.dph_total * hours
+            rented += 1
+            billed += instance_spend(record, now)
         return RunSummary(
             run_id=self.run_id,
-            instances_rented=counts["instances_rented"],
+            instances_rented=rented,
             jobs=counts["jobs"],
             warm_jobs=counts["warm_jobs"],
             instances_alive=counts["instances_alive"],
@@ -400,47 +488,245 @@ class Pool:
         )
 
     # Timers -----------------------------------------------------------------
+    # They run through ``reaper.start_timers``, which logs their errors.
 
     def _heartbeat(self) -> None:
-        try:
-            db.heartbeat(self.store, self.run_id)
-        except PoolError as exc:
-            logger.warning("run heartbeat failed: %s", exc)
+        db.heartbeat(self.store, self.run_id)
 
     def _reap_idle(self) -> None:
         """Destroy this run's instances idle past the timeout, and lingering
         instances of any run whose linger deadline passed."""
-        try:
-            now = self.store.clock()
-            with self._placement:
-                for record in db.list_instances(self.store, account=self.account):
-                    if record.state != InstanceState.IDLE:
-                        continue
-                    if record.linger_until is not None:
-                        if record.linger_until < now:
-                            self._destroy_claimed(
-                                record,
-                                reason=DestroyReason.IDLE_TIMEOUT,
-                                why="linger time after its run is over",
-                            )
-                        continue
-                    idle_for = now - (record.idle_since or now)
-                    if (
-                        record.run_id == self.run_id
-                        and idle_for > self.config.idle_timeout
-                    ):
+        now = self.store.clock()
+        with self._placement:
+            for record in db.list_instances(self.store, account=self.account):
+                if record.state != InstanceState.IDLE:
+                    continue
+                if record.linger_until is not None:
+                    if record.linger_until < now:
                         self._destroy_claimed(
                             record,
                             reason=DestroyReason.IDLE_TIMEOUT,
-                            why=f"idle for {idle_for:.0f} s, over the idle "
-                            f"timeout of {self.config.idle_timeout:g} s",
+                            why="linger time after its run is over",
                         )
-        except PoolError as exc:
-            logger.warning("idle reaper failed, retrying at its next run: %s", exc)
+                    continue
+                idle_for = now - (record.idle_since or now)
+                if record.run_id == self.run_id and idle_for > self.config.idle_timeout:
+                    self._destroy_claimed(
+                        record,
+                        reason=DestroyReason.IDLE_TIMEOUT,
+                        why=f"idle for {idle_for:.0f} s, over the idle "
+                        f"timeout of {self.config.idle_timeout:g} s",
+                    )
+
+    # Budget -----------------------------------------------------------------
+
+    def _budget_view(self) -> BudgetView | None:
+        """Return the run's spend and commitments; call with ``_placement`` held."""
+        if self.config.budget is None:
+            return None
+        records = db.list_instances(
+            self.store, account=self.account, include_destroyed=True
+        )
+        return assess(
+            records,
+            self._holds,
+            run_id=self.run_id,
+            budget=self.config.budget,
+            run_started_at=self._run_started_at,
+            now=self.store.clock(),
+            interval=self._budget_interval,
+        )
+
+    def _admit(self, job: _Job, offer: Offer) -> None:
+        """Allow renting ``offer`` for ``job`` within the budget and hold its cost.
+
+        A rental commits the offer's ``dph_total`` for the job's runtime, or
+        for one budget timer interval when the job has none. The first refused
+        rental ends renting for the run.
+        """
+        runtime = job.spec.runtime_minutes
+        hold = Hold(offer.hardware.dph_total, runtime * 60 if runtime else None)
+        with self._placement:
+            if self._budget_stop is not None:
+                raise BudgetSpent(self._budget_stop)
+            view = self._budget_view()
+            if view is not None:
+                cost = hold.dph_total * hold.horizon(0.0, self._budget_interval) / 3600
+                if view.projected + cost > view.budget:
+                    self._exhaust_budget(
+                        view.message(
+                            f"renting offer {offer.id} at "
+                            f"${hold.dph_total:.3f}/h would commit ${cost:.4f} more"
+                        )
+                    )
+                    raise BudgetSpent(self._budget_stop or view.message())
+            self._holds[job.handle] = hold
+
+    def _hold_instance(self, job: _Job, record: InstanceRecord) -> None:
+        """Start the budget hold of a job that got its instance."""
+        runtime = job.spec.runtime_minutes
+        with self._placement:
+            self._holds[job.handle] = Hold(
+                record.hardware.dph_total,
+                runtime * 60 if runtime else None,
+                started_at=self.store.clock(),
+                pk=record.pk,
+            )
+
+    def _exhaust_budget(self, message: str) -> None:
+        """Stop renting for the run and destroy its idle instances; call with
+        ``_placement`` held. Running jobs go on."""
+        if self._budget_stop is None:
+            self._budget_stop = message
+            logger.warning("no more rentals in run %s: %s", self.run_id, message)
+            self._placement.notify_all()
+        self._destroy_idle_of_run(DestroyReason.BUDGET, "the run's budget is spent")
+
+    def _destroy_idle_of_run(self, reason: DestroyReason, why: str) -> None:
+        for record in self._alive_of_run():
+            if record.state == InstanceState.IDLE:
+                self._destroy_claimed(record, reason=reason, why=why)
+
+    def _check_budget(self) -> None:
+        """Budget timer: stop renting once the spend plus what running jobs
+        commit reaches the budget, and stop the running jobs once the spend
+        itself is about to reach it.
+
+        Stopping running jobs keeps the bill within the budget plus about
+        one timer interval of the run's instances, also for jobs without a
+        ``runtime`` resource, whose commitment is only one interval.
+        """
+        with self._placement:
+            view = self._budget_view()
+            if view is None:
+                return
+            lookahead = _BUDGET_LOOKAHEAD_INTERVALS * self._budget_interval
+            imminent = view.spent + view.rate * lookahead / 3600 >= view.budget
+            if imminent or view.projected >= view.budget:
+                self._exhaust_budget(view.message())
+            if imminent and view.rate > 0:
+                self._stop_jobs_for_budget(view.message())
+
+    def _stop_jobs_for_budget(self, message: str) -> None:
+        """Fail the running jobs and destroy every instance of the run that
+        bills; call with ``_placement`` held."""
+        logger.warning(
+            "stopping the running jobs of run %s and destroying their instances: %s",
+            self.run_id,
+            message,
+        )
+        with self._jobs_lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.status.state in (JobState.QUEUED, JobState.RUNNING):
+                job.stop_message = (
+                    f"job {job.spec.job_id} (rule {job.spec.rule}) was stopped: "
+                    f"{message}"
+                )
+                job.cancelled.set()
+        for record in self._alive_of_run():
+            # A row in ``renting`` has no Vast.ai id yet; its job's worker
+            # destroys the instance once the create call returns.
+            if record.state in (
+                InstanceState.IDLE,
+                InstanceState.BUSY,
+                InstanceState.BOOTING,
+            ):
+                self._destroy_claimed(
+                    record, reason=DestroyReason.BUDGET, why="the run's budget is spent"
+                )
+
+    # Signals ----------------------------------------------------------------
+
+    def _install_sigterm_handler(self) -> None:
+        """Put ``_on_sigterm`` in front of the current SIGTERM handler.
+
+        Python runs signal handlers in the main thread only and lets only the
+        main thread install them, so from other threads this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if getattr(current, "__self__", None) is self:
+            return
+        self._previous_sigterm = current
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+
+    def _restore_sigterm_handler(self) -> None:
+        if not self._sigterm_installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if getattr(current, "__self__", None) is self:
+            previous = self._previous_sigterm
+            signal.signal(
+                signal.SIGTERM, previous if previous is not None else signal.SIG_DFL
+            )
+        self._sigterm_installed = False
+
+    def _shield_sigint(self) -> Callable[[], None]:
+        """Make SIGINT log a warning instead of interrupting ``close``, so a
+        second Ctrl-C does not leave instances billing; return the undo."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def warn(signum: int, frame: FrameType | None) -> None:
+            logger.warning(
+                "the pool is destroying the instances of run %s; wait for it, or "
+                "kill the process and run 'vastai-pool gc'",
+                self.run_id,
+            )
+
+        signal.signal(signal.SIGINT, warn)
+
+        def restore() -> None:
+            signal.signal(
+                signal.SIGINT, previous if previous is not None else signal.SIG_DFL
+            )
+
+        return restore
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """Cancel every job of the run, then pass the signal on.
+
+        Snakemake 9.27 handles SIGTERM by waiting for the running jobs to
+        finish without cancelling them, while their instances bill. The cancel runs
+        on its own thread because the handler interrupts the main thread,
+        which may hold the pool's locks.
+        """
+        logger.warning(
+            "received SIGTERM: cancelling the jobs of run %s and destroying "
+            "their instances",
+            self.run_id,
+        )
+        with self._jobs_lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.stop_message is None:
+                job.stop_message = (
+                    f"job {job.spec.job_id} (rule {job.spec.rule}) was cancelled "
+                    "because the run received SIGTERM"
+                )
+        threading.Thread(
+            target=self.cancel,
+            args=([job.handle for job in jobs],),
+            name="vastai-pool-sigterm",
+            daemon=True,
+        ).start()
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            # Without a handler of its own the program would have ended here;
+            # unwinding lets its ``finally`` blocks close the pool.
+            raise SystemExit(128 + signum)
 
     # Placement --------------------------------------------------------------
 
-    def _rental_context(self) -> RentalContext:
+    def _rental_context(self, job: _Job) -> RentalContext:
         return RentalContext(
             api=self.api,
             store=self.store,
@@ -452,10 +738,12 @@ class Pool:
             poll_interval=self.config.poll_interval,
             keep=self.config.keep_instances,
             next_label=self._next_label,
+            admit=lambda offer: self._admit(job, offer),
+            should_stop=job.cancelled.is_set,
         )
 
     def _next_label(self) -> str:
-        return f"vastai-pool-{self.run_id[:8]}-{next(self._labels)}"
+        return f"{self.store.label_prefix}{self.run_id[:8]}-{next(self._labels)}"
 
     def _alive_of_run(self) -> list[InstanceRecord]:
         return [
@@ -472,10 +760,12 @@ class Pool:
         return len(settled) + self._renting < self.config.max_instances
 
     def _evict_for(self, requirements: Requirements) -> bool:
-        """Destroy one idle instance of this run that cannot serve the job."""
+        """Destroy one idle instance of this run that can serve neither this
+        job nor any other job waiting for room; call with ``_placement`` held."""
+        wanted = [requirements, *self._waiting.values()]
         for record in self._alive_of_run():
-            if record.state == InstanceState.IDLE and not satisfies(
-                record, requirements
+            if record.state == InstanceState.IDLE and not any(
+                satisfies(record, other) for other in wanted
             ):
                 if self._destroy_claimed(
                     record,
@@ -485,14 +775,17 @@ class Pool:
                     return True
         return False
 
-    def _budget_spent(self) -> float | None:
-        if self.config.budget is None:
-            return None
-        billed = self._run_summary().billed_usd
-        return billed if billed >= self.config.budget else None
-
     def _place(self, job: _Job) -> tuple[InstanceRecord, int, Connection, bool]:
         """Lease a warm instance or rent one; return (record, lease, ssh, warm)."""
+        try:
+            return self._place_once_room(job)
+        finally:
+            with self._placement:
+                self._waiting.pop(job.handle, None)
+
+    def _place_once_room(
+        self, job: _Job
+    ) -> tuple[InstanceRecord, int, Connection, bool]:
         spec = job.spec
         requirements = spec.requirements
         input_sizes = local_digests(self.config.workdir, spec.inputs)
@@ -500,6 +793,11 @@ class Pool:
             if job.cancelled.is_set():
                 raise _Cancelled
             with self._placement:
+                if self._budget_stop is not None:
+                    raise BudgetSpent(
+                        f"job {spec.job_id} (rule {spec.rule}) was not placed: "
+                        f"{self._budget_stop}"
+                    )
                 leased = db.lease_idle(
                     self.store,
                     run_id=self.run_id,
@@ -511,20 +809,15 @@ class Pool:
                     input_sizes=input_sizes,
                 )
                 if leased is None:
-                    spent = self._budget_spent()
-                    if spent is not None:
-                        raise PoolError(
-                            f"the run's budget of ${self.config.budget:g} is spent "
-                            f"(about ${spent:.2f} billed), so no instance is rented "
-                            f"for job {spec.job_id} (rule {spec.rule}); raise "
-                            "--vastai-budget to continue"
-                        )
                     if not (self._has_room() or self._evict_for(requirements)):
+                        self._waiting[job.handle] = requirements
                         self._placement.wait(timeout=self.config.poll_interval)
                         continue
+                    self._waiting.pop(job.handle, None)
                     self._renting += 1
             if leased is not None:
                 record, lease_id = leased
+                self._hold_instance(job, record)
                 try:
                     connection = self._connection_for(record)
                 except SshError as exc:
@@ -540,11 +833,18 @@ class Pool:
                 )
                 return record, lease_id, connection, True
             try:
-                rental = rent(
-                    self._rental_context(),
-                    requirements,
-                    failed_machines=self._failed_machines,
-                )
+                try:
+                    rental = rent(
+                        self._rental_context(job),
+                        requirements,
+                        failed_machines=self._failed_machines,
+                    )
+                except BudgetSpent as exc:
+                    raise BudgetSpent(
+                        f"job {spec.job_id} (rule {spec.rule}) was not placed: {exc}"
+                    ) from exc
+                except RentalCancelled as exc:
+                    raise _Cancelled from exc
                 try:
                     lease_id = db.lease_new(
                         self.store,
@@ -570,6 +870,7 @@ class Pool:
                     self._placement.notify_all()
             self._connections[rental.record.pk] = rental.connection
             record = db.get_instance(self.store, rental.record.pk)
+            self._hold_instance(job, record)
             logger.info(
                 "job %s (rule %s) runs on new instance %d",
                 spec.job_id,
@@ -601,17 +902,29 @@ class Pool:
             job.status = dataclasses.replace(job.status, **changes)  # type: ignore[arg-type]
 
     def _run_job(self, job: _Job) -> None:
+        try:
+            self._place_and_run(job)
+        finally:
+            with self._placement:
+                self._holds.pop(job.handle, None)
+
+    def _place_and_run(self, job: _Job) -> None:
         spec = job.spec
         try:
             record, lease_id, connection, _warm = self._place(job)
         except _Cancelled:
             self._set_status(
-                job, state=JobState.FAILED, message=f"job {spec.job_id} was cancelled"
+                job,
+                state=JobState.FAILED,
+                message=job.stop_message
+                or f"job {spec.job_id} (rule {spec.rule}) was cancelled before it "
+                "got an instance",
             )
             return
         except PoolError as exc:
-            logger.error("job %s (rule %s) failed: %s", spec.job_id, spec.rule, exc)
-            self._set_status(job, state=JobState.FAILED, message=str(exc))
+            message = job.stop_message or str(exc)
+            logger.error("job %s (rule %s) failed: %s", spec.job_id, spec.rule, message)
+            self._set_status(job, state=JobState.FAILED, message=message)
             return
         except Exception as exc:
             logger.exception("placing job %s (rule %s) failed", spec.job_id, spec.rule)
@@ -699,6 +1012,8 @@ class Pool:
         with self._placement:
             self._placement.notify_all()
         succeeded = result.outcome == LeaseOutcome.SUCCEEDED
+        if not succeeded and job.stop_message is not None:
+            result = dataclasses.replace(result, message=job.stop_message)
         if not succeeded:
             logger.warning("%s", result.message)
         self._set_status(
