@@ -45,6 +45,7 @@ from vastai_pool.rental import (
 )
 from vastai_pool.requirements import Requirements
 from vastai_pool.ssh import Connection, Endpoint, ensure_keypair
+from vastai_pool.status_board import StatusBoard
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -188,6 +189,7 @@ class Pool:
         self.run_id = ""
         self.account = ""
         self._api: VastApi | None = None
+        self._status_board: StatusBoard | None = None
         self._store: Store | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._scheduler: BackgroundScheduler | None = None
@@ -232,6 +234,7 @@ class Pool:
         """Register the run in the database, start timers; return the run id."""
         config = self.config
         self._api = VastApi(config.api_url, config.api_key)
+        self._status_board = StatusBoard(self._api, config.poll_interval)
         self._store = db.Store(config.db_path)
         self.account = db.account_id(config.api_url, config.api_key)
         self.run_id = db.start_run(
@@ -740,6 +743,7 @@ class Pool:
             next_label=self._next_label,
             admit=lambda offer: self._admit(job, offer),
             should_stop=job.cancelled.is_set,
+            status_board=self._status_board,
         )
 
     def _next_label(self) -> str:

@@ -28,6 +28,7 @@ from vastai_pool.errors import (
 from vastai_pool.models import DestroyReason, InstanceState
 from vastai_pool.requirements import Requirements
 from vastai_pool.ssh import Connection, Endpoint, ensure_keypair
+from vastai_pool.status_board import StatusBoard
 from vastai_pool.store import InstanceRecord, Store
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class RentalContext:
     admit: Callable[[Offer], None] | None = None
     # Returns True once the rental should be abandoned (the job was cancelled).
     should_stop: Callable[[], bool] | None = None
+    # Shares one list call per status round between the run's rentals; None
+    # asks the API about each instance on its own.
+    status_board: StatusBoard | None = None
 
 
 class RentalCancelled(PoolError):
@@ -416,10 +420,19 @@ def wait_until_running(
     """Poll the API until the instance runs with an SSH endpoint; raise BootFailed."""
     deadline = time.monotonic() + ctx.boot_timeout
     last: RemoteInstance | None = None
+    seen_round = 0
     while True:
         _check_stop(ctx, f"while instance {vast_id} booted")
         try:
-            remote = ctx.api.show_instance(vast_id)
+            if ctx.status_board is not None:
+                status_round = ctx.status_board.next_round(after=seen_round)
+                seen_round = status_round.number
+                if status_round.error is not None:
+                    raise status_round.error
+                # Right after the create the list may not show it yet.
+                remote = status_round.instances.get(vast_id)
+            else:
+                remote = ctx.api.show_instance(vast_id)
         except ApiError as exc:
             if exc.status is not None and exc.status != 429 and exc.status < 500:
                 raise
@@ -455,7 +468,9 @@ def wait_until_running(
                 "--vastai-boot-timeout or pick a smaller image",
                 instance_id=vast_id,
             )
-        time.sleep(ctx.poll_interval)
+        if ctx.status_board is None:
+            # The board paces its own rounds.
+            time.sleep(ctx.poll_interval)
 
 
 def prepare(
