@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import shlex
@@ -15,6 +16,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_storage_plugins.registry import StoragePluginRegistry
 
 from snakemake_executor_plugin_vastai.cloud_credentials import (
     GOOGLE_CREDENTIALS_VARIABLE,
@@ -60,7 +62,7 @@ class Executor(RemoteExecutor):
         except BaseException:
             # RemoteExecutor started its status thread before calling us, and
             # Snakemake never calls ``shutdown`` on an executor that failed to
-            # build, so the thread has to be told to stop here.
+            # build, so the thread is stopped here.
             with self.lock:
                 self.wait = False
             raise
@@ -176,6 +178,7 @@ class Executor(RemoteExecutor):
             keep_instances=settings.keep_instances,
             boot_timeout=float(settings.boot_timeout),
             job_env=self._job_env(api_key),
+            packages=storage_plugin_requirements(),
         )
 
     def _start_sandbox(self) -> Sandbox:
@@ -418,3 +421,22 @@ def _no_offer_message(
             "models like RTX_4090, H100_SXM or A100_PCIE."
         )
     return message
+
+
+def storage_plugin_requirements() -> tuple[str, ...]:
+    """Return ``name==version`` of every storage plugin installed here.
+
+    Jobs read and write storage through these plugins on the instance, so
+    the pool installs them there once, at the local versions; Snakemake
+    itself would pip-install them in front of every job instead.
+    """
+    registry = StoragePluginRegistry()
+    requirements = []
+    for plugin in sorted(registry.get_registered_plugins()):
+        package = registry.get_plugin_package_name(plugin)
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        requirements.append(f"{package}=={version}")
+    return tuple(requirements)

@@ -30,11 +30,8 @@ common_settings = CommonSettings(
     # so secrets do not appear in the command line, the process list or logs.
     pass_envvar_declarations_to_cmd=False,
     # Storage plugins belong in the pool's one-time preparation of an
-    # instance; a pip install in front of every job would repeat it on warm
-    # instances.
-    # NOTE: vastai_pool.rental installs only Snakemake so far, so a workflow
-    # with a default storage provider would fail on the instance until it installs
-    # the storage plugins in use.
+    # instance (PoolConfig.packages); a pip install in front of every job
+    # would repeat it on warm instances.
     auto_deploy_default_storage_provider=False,
     # Status checks only read the pool's in-memory state, so they are cheap.
     init_seconds_before_status_checks=1,

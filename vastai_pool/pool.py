@@ -81,6 +81,9 @@ class PoolConfig:
     poll_interval: float = 2.0
     # Environment variables passed to every job (never the API key).
     job_env: dict[str, str] = field(default_factory=dict)
+    # Pip requirements (``name==version``) each new instance gets besides
+    # Snakemake, e.g. the storage plugins the workflow uses.
+    packages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -744,6 +747,7 @@ class Pool:
             admit=lambda offer: self._admit(job, offer),
             should_stop=job.cancelled.is_set,
             status_board=self._status_board,
+            packages=self.config.packages,
         )
 
     def _next_label(self) -> str:

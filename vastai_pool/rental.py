@@ -85,6 +85,8 @@ class RentalContext:
     # Shares one list call per status round between the run's rentals; None
     # asks the API about each instance on its own.
     status_board: StatusBoard | None = None
+    # Pip requirements (``name==version``) installed on each new instance.
+    packages: tuple[str, ...] = ()
 
 
 class RentalCancelled(PoolError):
@@ -388,7 +390,13 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
             ssh_port=remote.ssh_port,
             host_key=host_key,
         )
-        prepare(connection, ctx.work_dir, vast_id=vast_id, offer_id=offer.id)
+        prepare(
+            connection,
+            ctx.work_dir,
+            vast_id=vast_id,
+            offer_id=offer.id,
+            packages=ctx.packages,
+        )
         return connection
     except BaseException as exc:
         if connection is not None:
@@ -474,9 +482,19 @@ def wait_until_running(
 
 
 def prepare(
-    connection: Connection, work_dir: str, *, vast_id: int, offer_id: int
+    connection: Connection,
+    work_dir: str,
+    *,
+    vast_id: int,
+    offer_id: int,
+    packages: tuple[str, ...] = (),
 ) -> None:
-    """Create the work directory and install Snakemake at the local version."""
+    """Create the work directory and install what jobs need, once per instance.
+
+    That is Snakemake at the local version plus ``packages`` (pip
+    requirements pinned as ``name==version``, e.g. the storage plugins in
+    use); only those missing or at another version are installed.
+    """
     result = connection.run(f"mkdir -p {shlex.quote(work_dir)} {JOBS_ROOT}")
     if result.exit_code != 0:
         raise BootFailed(
@@ -486,37 +504,53 @@ def prepare(
         )
 
     expected = local_snakemake_version()
-    if expected is None:
+    wanted = ((f"snakemake=={expected}",) if expected else ()) + tuple(packages)
+    if not wanted:
         return
 
     python = _remote_python(connection)
     # Reading the package metadata takes milliseconds, where importing
     # Snakemake for ``--version`` takes seconds on a busy host.
-    probe = connection.run(f"{python} -c {shlex.quote(_VERSION_PROBE)}", timeout=120)
-    found = probe.stdout.strip() if probe.exit_code == 0 else None
-    if found == expected:
-        logger.debug("instance %d has snakemake %s", vast_id, found)
-        return
-    logger.info(
-        "installing snakemake %s on instance %d (found %s)",
-        expected,
-        vast_id,
-        found or "none",
+    probe = connection.run(
+        f"{python} -c {shlex.quote(_MISSING_PROBE)} "
+        + " ".join(shlex.quote(requirement) for requirement in wanted),
+        timeout=120,
     )
+    if probe.exit_code == 0:
+        missing = probe.stdout.split()
+    else:
+        missing = list(wanted)
+    if not missing:
+        logger.debug("instance %d has %s", vast_id, ", ".join(wanted))
+        return
+    logger.info("installing %s on instance %d", " ".join(missing), vast_id)
     install = connection.run(
-        f"{python} -m pip install --quiet snakemake=={shlex.quote(expected)}",
+        f"{python} -m pip install --quiet "
+        + " ".join(shlex.quote(requirement) for requirement in missing),
         timeout=PIP_TIMEOUT,
     )
     if install.exit_code != 0:
         tail = (install.stderr or install.stdout).strip()[-500:]
         raise BootFailed(
             f"instance {vast_id} (offer {offer_id}): pip install "
-            f"snakemake=={expected} failed with exit code {install.exit_code}: {tail}",
+            f"{' '.join(missing)} failed with exit code {install.exit_code}: {tail}",
             instance_id=vast_id,
         )
 
 
-_VERSION_PROBE = "import importlib.metadata as m; print(m.version('snakemake'))"
+# Prints each ``name==version`` argument that is not installed at that version.
+_MISSING_PROBE = """
+import importlib.metadata as metadata
+import sys
+for requirement in sys.argv[1:]:
+    name, _, version = requirement.partition("==")
+    try:
+        found = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        found = None
+    if found != version:
+        print(requirement)
+"""
 
 
 def _remote_python(connection: Connection) -> str:
