@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import os
 import shlex
+import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,6 +159,15 @@ class Executor(RemoteExecutor):
             key_dir = self.state_dir
         else:
             api_url = resolve_api_url(settings.api_url)
+            if any(arg.startswith("--vastai-api-key") for arg in sys.argv):
+                # Snakemake (9.27) writes its whole command line to
+                # .snakemake/log/, where the plugin cannot redact it.
+                logger.warning(
+                    "--vastai-api-key on the command line ends up in "
+                    ".snakemake/log/ and in the shell history; set VAST_API_KEY "
+                    "or SNAKEMAKE_VASTAI_API_KEY instead, and delete those logs "
+                    "if they are shared."
+                )
             try:
                 api_key = resolve_api_key(settings.api_key)
             except ConfigError as exc:

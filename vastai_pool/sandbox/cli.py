@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from vastai_pool.sandbox.fault_script import FaultScriptError
 from vastai_pool.sandbox.service import Sandbox
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         default=None,
         help="directory for instance homes (default: a temporary one, removed on exit)",
     )
+    serve.add_argument(
+        "--faults",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='JSON fault script to replay: {"seed": N, "rules": [...]} '
+        "(default: no faults)",
+    )
     serve.set_defaults(func=serve_command)
 
 
@@ -76,12 +85,22 @@ def serve_command(args: argparse.Namespace) -> int:
         signum: signal.signal(signum, request_stop)
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
-    sandbox = Sandbox(
-        api_key=args.api_key,
-        port=args.port,
-        boot_seconds=args.boot_seconds,
-        state_dir=args.state_dir,
-    )
+    faults = getattr(args, "faults", None)
+    try:
+        sandbox = Sandbox(
+            api_key=args.api_key,
+            port=args.port,
+            boot_seconds=args.boot_seconds,
+            state_dir=args.state_dir,
+            faults=faults,
+        )
+    except FaultScriptError as error:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sys.stderr.write(f"error: invalid --faults {faults}: {error}\n")
+        return 2
+    if faults is not None:
+        logger.info("sandbox: replaying the fault script %s", faults)
     try:
         try:
             sandbox.start()

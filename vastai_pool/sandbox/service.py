@@ -7,13 +7,15 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vastai_pool.sandbox.fault_script import FaultedMarket, ScriptedFaults, load_script
 from vastai_pool.sandbox.faults import FaultHooks
 from vastai_pool.sandbox.http_api import SandboxHttpServer
-from vastai_pool.sandbox.market import Market
+from vastai_pool.sandbox.sftp import set_transfer_hook
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class Sandbox:
     setting (``server_url=sandbox.url`` or ``--url``). Instances boot over
     ``boot_seconds``; their home directories live under ``state_dir``
     (a temporary directory, removed on ``stop``, when none is given).
+    ``faults`` is a fault script (a dict, a list of rules or a JSON file
+    path, see ``fault_script``) or a ``FaultHooks`` to install.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class Sandbox:
         port: int = 0,
         boot_seconds: float = 1.0,
         state_dir: Path | None = None,
+        faults: FaultHooks | str | Path | dict[str, Any] | list[Any] | None = None,
     ) -> None:
         if boot_seconds < 0:
             raise ValueError(f"boot_seconds must be >= 0, got {boot_seconds}")
@@ -47,13 +52,26 @@ class Sandbox:
             state_dir = Path(tempfile.mkdtemp(prefix="vastai-sandbox-"))
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.market = Market(state_dir=self.state_dir, boot_seconds=boot_seconds)
+        self.market = FaultedMarket(state_dir=self.state_dir, boot_seconds=boot_seconds)
         self._server: SandboxHttpServer | None = None
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
         self._ticking = threading.Event()
         self._stop_lock = threading.Lock()
         self.url = ""
+        if faults is not None:
+            self.load_faults(faults)
+
+    def load_faults(
+        self, script: FaultHooks | str | Path | dict[str, Any] | list[Any]
+    ) -> FaultHooks:
+        """Install a fault script (dict, list or JSON file path) or hooks; return it.
+
+        Raises ``FaultScriptError`` naming the rule and value of a bad script.
+        """
+        hooks = script if isinstance(script, FaultHooks) else load_script(script)
+        self.faults = hooks
+        return hooks
 
     @property
     def faults(self) -> FaultHooks:
@@ -62,7 +80,13 @@ class Sandbox:
 
     @faults.setter
     def faults(self, hooks: FaultHooks) -> None:
+        # Instances keep the hooks they were created with.
         self.market.faults = hooks
+        if isinstance(hooks, ScriptedFaults):
+            hooks.bind(self.market)
+            set_transfer_hook(self.state_dir, hooks.sftp_transfer)
+        else:
+            set_transfer_hook(self.state_dir, None)
 
     def start(self) -> Sandbox:
         """Start serving HTTP on 127.0.0.1 and return self."""
@@ -104,6 +128,7 @@ class Sandbox:
             if self._thread is not None:
                 self._thread.join(timeout=5)
                 self._thread = None
+            set_transfer_hook(self.state_dir, None)
             if self._owns_state_dir and self.state_dir.exists():
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -111,6 +136,9 @@ class Sandbox:
         while not self._ticking.wait(TICK_SECONDS):
             try:
                 self.market.advance_all()
+                hooks = self.market.faults
+                if isinstance(hooks, ScriptedFaults):
+                    hooks.advance(time.time())
             except Exception:
                 logger.exception("sandbox: advancing the instances failed")
 
@@ -126,7 +154,10 @@ class Sandbox:
         self.stop()
 
     def ledger(self) -> dict[str, Any]:
-        """Return ``{"rented", "destroyed", "alive": [ids], "billed_usd"}``."""
+        """Return ``{"rented", "destroyed", "alive": [ids], "billed_usd"}``.
+
+        With a fault script installed it also has ``faults``: {kind: count}.
+        """
         return self.market.ledger()
 
     def instance_dir(self, instance_id: int) -> Path:

@@ -9,11 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paramiko
 from paramiko.sftp import SFTP_OK
+
+# Fault hook point: called with the instance id on every file read or
+# write under a registered directory (a sandbox's state directory).
+TransferHook = Callable[[int], None]
+_transfer_hooks: dict[Path, TransferHook] = {}
+_transfer_hooks_lock = threading.Lock()
+
+
+def set_transfer_hook(root: Path, hook: TransferHook | None) -> None:
+    """Call ``hook(instance_id)`` on SFTP reads and writes of homes under ``root``."""
+    with _transfer_hooks_lock:
+        if hook is None:
+            _transfer_hooks.pop(Path(root), None)
+        else:
+            _transfer_hooks[Path(root)] = hook
+
+
+def _transfer_hook_for(home: Path) -> TransferHook | None:
+    with _transfer_hooks_lock:
+        for root, hook in _transfer_hooks.items():
+            if home.is_relative_to(root):
+                return hook
+    return None
 
 
 def _errno_reply(error: OSError) -> int:
@@ -22,6 +47,18 @@ def _errno_reply(error: OSError) -> int:
 
 class InstanceSftpHandle(paramiko.SFTPHandle):
     """An open file; paramiko reads ``readfile``/``writefile`` to serve it."""
+
+    on_transfer: Callable[[], None] | None = None
+
+    def read(self, offset: int, length: int) -> bytes | int:
+        if self.on_transfer is not None:
+            self.on_transfer()
+        return super().read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> int:
+        if self.on_transfer is not None:
+            self.on_transfer()
+        return super().write(offset, data)
 
     def stat(self) -> paramiko.SFTPAttributes | int:
         try:
@@ -56,6 +93,9 @@ class InstanceSftpServer(paramiko.SFTPServerInterface):
     def __init__(self, server: paramiko.ServerInterface, *, home: Path) -> None:
         super().__init__(server)
         self.home = home
+        self._transfer_hook = _transfer_hook_for(Path(home))
+        config = getattr(server, "config", None)
+        self._instance_id: int | None = getattr(config, "instance_id", None)
 
     def resolve(self, path: str) -> str:
         """Map an SFTP path to a local one, relative paths under ``home``."""
@@ -122,6 +162,9 @@ class InstanceSftpServer(paramiko.SFTPServerInterface):
         handle.filename = local
         handle.readfile = stream
         handle.writefile = stream
+        hook, instance_id = self._transfer_hook, self._instance_id
+        if hook is not None and instance_id is not None:
+            handle.on_transfer = lambda: hook(instance_id)
         return handle
 
     def remove(self, path: str) -> int:
