@@ -18,6 +18,7 @@ from vastai_pool import store as db
 from vastai_pool.errors import NoMatchingOffer
 from vastai_pool.models import DestroyReason, InstanceState
 from vastai_pool.pool import JobSpec, JobState, JobStatus, Pool, PoolConfig
+from vastai_pool.remote import remote_work_dir
 from vastai_pool.requirements import Requirements
 
 IMAGE = "python:3.11-slim"
@@ -278,9 +279,10 @@ def test_inputs_uploaded_once_per_instance(make_pool, workdir: Path) -> None:
     seen_2 = (workdir / "seen-2").read_text()
     assert seen_1 == seen_2
     held = db.files_on(pool.store, records(pool)[first.instance_id].pk)
-    assert held["data/input.txt"][0] == len("first\n")
-    assert "data/more.txt" in held
-    assert "seen-1" in held
+    base = remote_work_dir(workdir)
+    assert held[f"{base}/data/input.txt"][0] == len("first\n")
+    assert f"{base}/data/more.txt" in held
+    assert f"{base}/seen-1" in held
 
     (workdir / "data/input.txt").write_text("second version\n")
     third = run(
@@ -526,7 +528,7 @@ def test_sources_shipped_once_per_checksum(
     # The same inode: the archive was not unpacked a second time.
     assert (workdir / "tool-2.txt").read_text() == first
     record = records(pool)[statuses[0].instance_id]
-    assert record.sources == frozenset({checksum})
+    assert record.sources == frozenset({f"{remote_work_dir(workdir)}/{checksum}"})
 
 
 def test_create_server_error_reconciles_label(make_pool, market) -> None:
@@ -545,3 +547,28 @@ def test_create_server_error_reconciles_label(make_pool, market) -> None:
     assert record.state == InstanceState.DESTROYED
     assert record.destroy_reason == DestroyReason.RENT_FAILED
     assert rented_count(market) == 0
+
+
+def test_second_workdir_gets_its_own_inputs(
+    make_pool, workdir: Path, tmp_path: Path
+) -> None:
+    # Two workflows in different directories share one pool file, and the
+    # second leases the first one's idle instance. The same file under the
+    # same relative path is already there, but in the first workflow's
+    # directory on the instance, so it must be uploaded again.
+    other = tmp_path / "other-workflow"
+    for directory in (workdir, other):
+        (directory / "data").mkdir(parents=True)
+        (directory / "data" / "input.txt").write_text("same content\n")
+    first_pool = make_pool()
+    second_pool = make_pool(workdir=other)
+    command = "cat data/input.txt > copy.txt"
+    spec = job(1, command, inputs=("data/input.txt",), outputs=("copy.txt",))
+
+    first = run(first_pool, spec)
+    second = run(second_pool, dataclasses.replace(spec, job_id=2))
+
+    assert first.state is JobState.SUCCEEDED, first.message
+    assert second.state is JobState.SUCCEEDED, second.message
+    assert second.instance_id == first.instance_id
+    assert (other / "copy.txt").read_text() == "same content\n"

@@ -149,7 +149,7 @@ class Instance(Base):
     keep: Mapped[bool] = mapped_column(Boolean, default=False)
     # When a lingering idle instance is to be destroyed (epoch seconds).
     linger_until: Mapped[float | None] = mapped_column(Float, default=None)
-    # Checksums of source archives already unpacked on the instance.
+    # Source archives unpacked on the instance, as "<work dir>/<sha256>" words.
     sources: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -186,7 +186,7 @@ class InstanceFile(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.pk"))
-    # Relative to the run's working directory on the instance.
+    # Relative to the login's home on the instance, work directory included.
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))

@@ -796,7 +796,14 @@ class Pool:
     ) -> tuple[InstanceRecord, int, Connection, bool]:
         spec = job.spec
         requirements = spec.requirements
-        input_sizes = local_digests(self.config.workdir, spec.inputs)
+        # Keyed like the files table: by path on the instance, work dir included.
+        work_dir = remote_work_dir(self.config.workdir)
+        input_sizes = {
+            f"{work_dir}/{relative}": digest
+            for relative, digest in local_digests(
+                self.config.workdir, spec.inputs
+            ).items()
+        }
         while True:
             if job.cancelled.is_set():
                 raise _Cancelled

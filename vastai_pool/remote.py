@@ -180,8 +180,11 @@ class JobRunner:
         spec = self.spec
         if spec.source_archive is None or spec.source_checksum is None:
             return
+        # Each local working directory has its own directory on the
+        # instance, so an archive counts as unpacked per work directory.
+        unpacked = f"{self.work_dir}/{spec.source_checksum}"
         current = db.get_instance(self.store, self.record.pk)
-        if spec.source_checksum in current.sources:
+        if unpacked in current.sources:
             return
         archive = f"{SOURCES_ROOT}/{spec.source_checksum}.tar.xz"
         self.connection.upload(spec.source_archive, archive)
@@ -195,7 +198,7 @@ class JobRunner:
                 f"unpacking {archive} into {self.work_dir} on instance "
                 f"{self.record.vast_id} failed: {result.stderr.strip()[-300:]}"
             )
-        db.mark_sources(self.store, self.record.pk, spec.source_checksum)
+        db.mark_sources(self.store, self.record.pk, unpacked)
         logger.info(
             "shipped sources %s to instance %d",
             spec.source_checksum[:12],
@@ -204,14 +207,17 @@ class JobRunner:
 
     def ship_inputs(self) -> None:
         """Upload the inputs the instance lacks with the same content."""
+        # The files table keys paths relative to the login's home, work
+        # directory included, so two local workflows never share an entry.
         present = db.files_on(self.store, self.record.pk)
         uploaded: list[tuple[str, int, str]] = []
         for relative, local in iter_local_files(self.config.workdir, self.spec.inputs):
             size, sha = file_digest(local)
-            if present.get(relative) == (size, sha):
+            remote = f"{self.work_dir}/{relative}"
+            if present.get(remote) == (size, sha):
                 continue
-            self.connection.upload(local, f"{self.work_dir}/{relative}")
-            uploaded.append((relative, size, sha))
+            self.connection.upload(local, remote)
+            uploaded.append((remote, size, sha))
         if uploaded:
             db.record_files(self.store, self.record.pk, uploaded)
             logger.info(
@@ -361,7 +367,7 @@ class JobRunner:
         # Fetched outputs now exist on both sides with the same content, so a
         # downstream job on this instance needs no upload of them.
         rows = [
-            (relative, *file_digest(local))
+            (f"{self.work_dir}/{relative}", *file_digest(local))
             for relative, local in iter_local_files(self.config.workdir, tuple(fetched))
         ]
         if rows:
