@@ -83,9 +83,13 @@ def wait_for_started_job(
     raise AssertionError("no job started on an instance in time")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+@pytest.mark.parametrize(
+    ("signum", "repeats"),
+    [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGINT, 3)],
+    ids=["term", "int", "int-thrice"],
+)
 def test_signal_destroys_run_instances(
-    sandbox: Sandbox, tmp_path: Path, signum: signal.Signals
+    sandbox: Sandbox, tmp_path: Path, signum: signal.Signals, repeats: int
 ) -> None:
     workdir = tmp_path / "workflow"
     workdir.mkdir()
@@ -93,7 +97,11 @@ def test_signal_destroys_run_instances(
     process = start_snakemake(sandbox, workdir, tmp_path / "home")
     try:
         wait_for_started_job(sandbox, process)
-        process.send_signal(signum)
+        # An impatient user presses Ctrl-C again while the run shuts down.
+        for _ in range(repeats):
+            if process.poll() is None:
+                process.send_signal(signum)
+            time.sleep(0.3)
         output, _ = process.communicate(timeout=180)
     finally:
         if process.poll() is None:

@@ -193,6 +193,8 @@ class Pool:
         self.account = ""
         self._api: VastApi | None = None
         self._status_board: StatusBoard | None = None
+        # Undoes the SIGINT shield that ``cancel`` or ``close`` installed.
+        self._restore_sigint: Callable[[], None] | None = None
         self._store: Store | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._scheduler: BackgroundScheduler | None = None
@@ -350,7 +352,14 @@ class Pool:
         return job.status
 
     def cancel(self, handles: list[str]) -> None:
-        """Stop the given jobs and destroy the instances they were running on."""
+        """Stop the given jobs and destroy the instances they were running on.
+
+        From here until ``close`` has finished, SIGINT only logs a warning: a
+        repeated Ctrl-C would otherwise interrupt the destroys and leave
+        instances billing.
+        """
+        if self._restore_sigint is None:
+            self._restore_sigint = self._shield_sigint()
         with self._jobs_lock:
             jobs = [self._jobs[h] for h in handles if h in self._jobs]
         for job in jobs:
@@ -368,7 +377,8 @@ class Pool:
         if self._store is None:
             raise PoolError("the pool was never opened, so there is no run to close")
         self._closing = True
-        restore_sigint = self._shield_sigint()
+        if self._restore_sigint is None:
+            self._restore_sigint = self._shield_sigint()
         try:
             if self._scheduler is not None:
                 self._scheduler.shutdown(wait=True)
@@ -388,7 +398,8 @@ class Pool:
             self._hand_lingering_to_reaper()
             self.store.close()
         finally:
-            restore_sigint()
+            self._restore_sigint()
+            self._restore_sigint = None
             self._restore_sigterm_handler()
         logger.info(
             "pool run %s ended: %d jobs (%d on warm instances), %d instances "
