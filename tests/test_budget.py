@@ -131,15 +131,16 @@ def test_budget_refuses_rental_that_would_cross(make_pool, market) -> None:
 
     refused = finish(pool, pool.submit(job(2, "true", "H100_SXM", runtime_minutes=5)))
     assert refused.state is JobState.FAILED
-    assert f"budget of ${budget:.4f} spent: $" in refused.message
-    assert "committed" in refused.message
+    assert f"the budget of ${budget:.6f} would be exceeded by $" in refused.message
+    assert "committed by running jobs" in refused.message
+    assert "for renting offer" in refused.message
     assert "--vastai-budget" in refused.message
 
     # Once a rental is refused, nothing more is placed, not even on a warm
     # instance, and the run's idle instances are destroyed.
     later = finish(pool, pool.submit(job(3, "true", "RTX_3090", runtime_minutes=5)))
     assert later.state is JobState.FAILED
-    assert "budget of $" in later.message
+    assert "the budget of $" in later.message
     (record,) = wait_for_destroyed(pool)
     assert record.destroy_reason is DestroyReason.BUDGET
 
@@ -158,13 +159,14 @@ def test_budget_stops_job_that_would_overspend(make_pool, market) -> None:
 
     stopped = finish(pool, pool.submit(job(1, "sleep 300", "RTX_3090")))
     assert stopped.state is JobState.FAILED
-    assert f"budget of ${budget:.4f} spent: $" in stopped.message
+    assert f"the budget of ${budget:.6f} would be" in stopped.message
+    assert "billed by the running instances in the next" in stopped.message
     (record,) = wait_for_destroyed(pool)
     assert record.destroy_reason is DestroyReason.BUDGET
 
     unplaced = finish(pool, pool.submit(job(2, "true", "RTX_3090")))
     assert unplaced.state is JobState.FAILED
-    assert "was not placed: budget of $" in unplaced.message
+    assert "was not placed: the budget of $" in unplaced.message
 
     pool.close()
     ledger = market.ledger()

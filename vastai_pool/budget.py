@@ -62,17 +62,30 @@ class BudgetView:
     def projected(self) -> float:
         return self.spent + self.committed
 
-    def message(self, detail: str = "") -> str:
-        """Return the error a job gets when the budget keeps it from running."""
-        text = (
-            f"budget of ${self.budget:.4f} spent: ${self.spent:.4f} so far plus "
-            f"${self.committed:.4f} committed"
-        )
+    def message(self, detail: str = "", *, more: float = 0.0) -> str:
+        """Return the error a job gets when the budget keeps it from running.
+
+        ``more`` is the cost (USD) that ``detail`` describes, on top of what
+        is spent and committed; the message gives the total and the excess.
+        """
+        total = self.spent + self.committed + more
+        excess = total - self.budget
+        parts = [
+            f"${self.spent:.6f} spent so far",
+            f"${self.committed:.6f} committed by running jobs",
+        ]
         if detail:
-            text += f", and {detail}"
+            parts.append(detail)
+        outcome = (
+            f"exceeded by ${excess:.6f}"
+            if excess > 0
+            else f"reached (${total:.6f} of it)"
+        )
         return (
-            text + "; raise --vastai-budget, or lower --vastai-max-price or the "
-            "jobs' runtime resource so that running jobs commit less"
+            f"the budget of ${self.budget:.6f} would be {outcome}: "
+            + ", ".join(parts)
+            + "; raise --vastai-budget, or lower --vastai-max-price or the jobs' "
+            "runtime resource so that running jobs commit less"
         )
 
 

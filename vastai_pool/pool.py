@@ -572,8 +572,9 @@ class Pool:
                 if view.projected + cost > view.budget:
                     self._exhaust_budget(
                         view.message(
-                            f"renting offer {offer.id} at "
-                            f"${hold.dph_total:.3f}/h would commit ${cost:.4f} more"
+                            f"${cost:.6f} for renting offer {offer.id} at "
+                            f"${hold.dph_total:.3f}/h",
+                            more=cost,
                         )
                     )
                     raise BudgetSpent(self._budget_stop or view.message())
@@ -618,11 +619,20 @@ class Pool:
             if view is None:
                 return
             lookahead = _BUDGET_LOOKAHEAD_INTERVALS * self._budget_interval
-            imminent = view.spent + view.rate * lookahead / 3600 >= view.budget
-            if imminent or view.projected >= view.budget:
-                self._exhaust_budget(view.message())
+            upcoming = view.rate * lookahead / 3600
+            imminent = view.spent + upcoming >= view.budget
             if imminent and view.rate > 0:
-                self._stop_jobs_for_budget(view.message())
+                # The running instances alone would pass the budget before
+                # the check after next, so the message counts that billing.
+                message = view.message(
+                    f"${upcoming:.6f} billed by the running instances in the "
+                    f"next {lookahead:g} s",
+                    more=max(0.0, upcoming - view.committed),
+                )
+                self._exhaust_budget(message)
+                self._stop_jobs_for_budget(message)
+            elif view.projected >= view.budget:
+                self._exhaust_budget(view.message())
 
     def _stop_jobs_for_budget(self, message: str) -> None:
         """Fail the running jobs and destroy every instance of the run that
