@@ -1039,12 +1039,13 @@ class Pool:
                 result.exit_code,
                 instance_state=InstanceState.DESTROYING,
             )
-            reason = (
-                DestroyReason.INTERRUPTED
-                if result.outcome == LeaseOutcome.CANCELLED
-                else DestroyReason.JOB_TIMEOUT
-            )
-            self._destroy(record, reason=reason, why=result.message)
+            if job.cancelled.is_set() or result.outcome == LeaseOutcome.CANCELLED:
+                reason = DestroyReason.INTERRUPTED
+                why = result.message or "its job was cancelled"
+            else:
+                reason = DestroyReason.JOB_TIMEOUT
+                why = result.message or "its job's state is unknown"
+            self._destroy(record, reason=reason, why=why)
         with self._placement:
             self._placement.notify_all()
         succeeded = result.outcome == LeaseOutcome.SUCCEEDED
