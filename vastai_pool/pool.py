@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from vastai_pool import inventory, reap
 from vastai_pool import store as db
 from vastai_pool.api import Offer, VastApi
-from vastai_pool.budget import BudgetSpent, BudgetView, Hold, assess, instance_spend
+from vastai_pool.budget import BudgetSpent, BudgetView, Hold, assess
+from vastai_pool.costs import run_costs
 from vastai_pool.errors import NoMatchingOffer, PoolError, SshError
 from vastai_pool.models import DestroyReason, InstanceState, LeaseOutcome
 from vastai_pool.reaper import Timers, budget_check_seconds, start_timers
@@ -482,26 +483,16 @@ class Pool:
 
     def _run_summary(self) -> RunSummary:
         counts = db.run_summary_counts(self.store, self.run_id)
-        now = self.store.clock()
-        billed = 0.0
-        rented = 0
-        records = db.list_instances(
-            self.store, account=self.account, include_destroyed=True
-        )
-        for record in records:
-            # A row without a Vast.ai id is an offer that was taken before
-            # the create call could rent it.
-            if record.run_id != self.run_id or record.vast_id is None:
-                continue
-            rented += 1
-            billed += instance_spend(record, now)
+        # The same accounting as the end-of-run table and `vastai-pool report`:
+        # an instance adopted from another run counts from its adoption on.
+        costs = run_costs(self.store, self.run_id)
         return RunSummary(
             run_id=self.run_id,
-            instances_rented=rented,
+            instances_rented=costs.instances_rented,
             jobs=counts["jobs"],
             warm_jobs=counts["warm_jobs"],
             instances_alive=counts["instances_alive"],
-            billed_usd=billed,
+            billed_usd=costs.total_usd,
         )
 
     # Timers -----------------------------------------------------------------
