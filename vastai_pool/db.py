@@ -32,6 +32,10 @@ from vastai_pool.errors import PoolDatabaseError
 
 logger = logging.getLogger(__name__)
 
+# Alembic logs "Context impl SQLiteImpl" and each applied revision at INFO
+# every time a store opens; the pool logs its own upgrade line instead.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 # Seconds a connection waits for another process's write lock.
