@@ -649,3 +649,39 @@ def test_ls_missing_db_creates_nothing(
     assert json.loads(out) == []
     assert f"no pool database at {missing}" in err
     assert not (tmp_path / "typo").exists()
+
+
+def test_ls_points_busy_orphan_to_gc(
+    db_path: Path, closed_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    account = account_id(closed_url, API_KEY)
+    with Store(db_path) as store:
+        crashed = pool_store.start_run(
+            store, account=account, workdir="/w", budget_usd=None, linger_seconds=0
+        )
+        live = pool_store.start_run(
+            store, account=account, workdir="/w", budget_usd=None, linger_seconds=0
+        )
+        add_instance(
+            store, crashed, account, label="a", vast_id=21, state=InstanceState.BUSY
+        )
+        add_instance(
+            store, live, account, label="b", vast_id=22, state=InstanceState.BUSY
+        )
+        # Ending the run stands in for a crash: either way no process tends it.
+        pool_store.end_run(store, crashed)
+
+    code, _, err = run_cli(
+        capsys,
+        "ls",
+        "--db",
+        str(db_path),
+        "--api-url",
+        closed_url,
+        "--api-key",
+        API_KEY,
+    )
+
+    assert code == 0
+    assert "1 instance(s) belong to a run that is over" in err
+    assert f"gc --db {db_path}" in err

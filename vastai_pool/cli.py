@@ -16,14 +16,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vastai_pool import inventory
+from vastai_pool import store as pool_store
 from vastai_pool.credentials import resolve_api_key, resolve_api_url
 from vastai_pool.errors import ConfigError, PoolError
+from vastai_pool.models import InstanceState
 from vastai_pool.store import InstanceRecord, Store, account_id, default_db_path
 
 if TYPE_CHECKING:
     from vastai_pool.api import VastApi
 
 logger = logging.getLogger(__name__)
+
+# States in which an instance needs its run's process to end it.
+ORPHAN_STATES = frozenset(
+    {InstanceState.RENTING, InstanceState.BOOTING, InstanceState.BUSY}
+)
 
 PROG = "vastai-pool"
 
@@ -201,10 +208,24 @@ def run_ls(args: argparse.Namespace) -> int:
         entries = inventory.list_pool(
             store, account=account, include_destroyed=args.all, refresh=refresh
         )
+        live_runs = set(pool_store.live_run_ids(store))
     if args.json:
         _out(json.dumps([entry_json(entry) for entry in entries], indent=2))
     else:
         _out(format_table(entries))
+    # Busy or booting rows of a crashed run look alive but no process
+    # tends them; only gc (or the next run) will destroy them.
+    orphaned = [
+        entry
+        for entry in entries
+        if entry.record.state in ORPHAN_STATES and entry.record.run_id not in live_runs
+    ]
+    if orphaned:
+        _err(
+            f"{PROG}: {len(orphaned)} instance(s) belong to a run that is over "
+            f"(crashed or ended) and still bill; `{PROG} gc --db {db_path}` "
+            "destroys them."
+        )
     return 0
 
 
