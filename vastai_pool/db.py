@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,9 @@ def create_pool_engine(path: Path) -> Engine:
         # None stops pysqlite from emitting its own BEGIN; see _begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        _retry_while_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"))
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -120,6 +121,26 @@ def create_pool_engine(path: Path) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _retry_while_locked(statement: Callable[[], object]) -> None:
+    """Run ``statement``, retrying for up to the busy timeout while locked.
+
+    SQLite does not call its busy handler when switching a database to WAL
+    while another connection does the same, so two processes opening a new
+    pool file at once would otherwise fail at once with "database is locked".
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    delay = 0.01
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 def upgrade(engine: Engine, path: Path) -> None:
