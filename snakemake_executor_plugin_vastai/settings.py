@@ -29,9 +29,9 @@ common_settings = CommonSettings(
     # Environment variables reach the job through the pool's job environment,
     # so secrets do not appear in the command line, the process list or logs.
     pass_envvar_declarations_to_cmd=False,
-    # Storage plugins belong in the pool's one-time preparation of an
-    # instance (PoolConfig.packages); a pip install in front of every job
-    # would repeat it on warm instances.
+    # The pool installs storage plugins once per instance (PoolConfig.packages),
+    # because a pip install in front of every job would repeat it on warm
+    # instances.
     auto_deploy_default_storage_provider=False,
     # Status checks only read the pool's in-memory state, so they are cheap.
     init_seconds_before_status_checks=1,

@@ -668,7 +668,7 @@ def test_ls_points_busy_orphan_to_gc(
         add_instance(
             store, live, account, label="b", vast_id=22, state=InstanceState.BUSY
         )
-        # Ending the run stands in for a crash: either way no process tends it.
+        # An ended run replaces a crash here, because either way no process tends it.
         pool_store.end_run(store, crashed)
 
     code, _, err = run_cli(

@@ -185,7 +185,7 @@ def test_api_key_option_warns_about_snakemake_log(
     secret_sandbox: tuple[Sandbox, RecordingHooks], tmp_path: Path
 ) -> None:
     # Snakemake writes its command line, the key included, to .snakemake/log,
-    # which the plugin cannot redact; it says so and names the safe way.
+    # which the plugin cannot redact, so it logs a warning naming the safe way.
     sandbox, _ = secret_sandbox
     workdir, _ = run_workflow(sandbox, tmp_path, key_option=True)
     logs = files_under(workdir / ".snakemake" / "log")

@@ -19,7 +19,7 @@ class ApiError(PoolError):
     """The Vast.ai API rejected a call or could not be reached.
 
     ``instance_id`` is set when the API created an instance despite the error
-    (Vast.ai answers ``success: false`` with ``new_contract`` set when the
+    (Vast.ai returns ``success: false`` with ``new_contract`` set when the
     instance came up stopped), so the caller must destroy it.
     """
 

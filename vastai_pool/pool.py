@@ -121,7 +121,7 @@ class JobState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class JobStatus:
-    """What ``Pool.status`` reports about a submitted job.
+    """Status of a submitted job, as ``Pool.status`` returns it.
 
     ``message`` explains a failure in words a user can act on, ``log_path``
     is the local copy of the remote log, ``instance_id`` the Vast.ai id that
@@ -180,9 +180,9 @@ class _Job:
 class Pool:
     """A pool of warm instances shared by the jobs of one run.
 
-    ``open`` registers the run and starts the reaper; ``submit`` returns at
-    once and the job proceeds on a worker thread (place, ship, run, fetch,
-    release); ``status`` never blocks on the network; ``close`` destroys
+    ``open`` registers the run and starts the timers. ``submit`` returns at
+    once, and the job proceeds on a worker thread (place, ship, run, fetch,
+    release). ``status`` never blocks on the network. ``close`` destroys
     what is idle unless the run keeps or lingers it, and returns the summary.
     A job's lease ends and its instance becomes idle before ``status``
     reports it finished, so the next job finds the instance warm.

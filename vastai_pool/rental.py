@@ -82,8 +82,8 @@ class RentalContext:
     admit: Callable[[Offer], None] | None = None
     # Returns True once the rental should be abandoned (the job was cancelled).
     should_stop: Callable[[], bool] | None = None
-    # Shares one list call per status round between the run's rentals; None
-    # asks the API about each instance on its own.
+    # Shares one list call per status round between the run's rentals. With
+    # None, each rental requests its own instance from the API.
     status_board: StatusBoard | None = None
     # Pip requirements (``name==version``) installed on each new instance.
     packages: tuple[str, ...] = ()

@@ -1,4 +1,4 @@
-"""What a job needs from an instance, as an offer query and as a local match."""
+"""Requirements of a job on its instance, as an offer query and a local match."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Requirements:
     """Bounds one job puts on the instance it runs on.
 
     ``gpu_names`` are in API spelling (see ``normalize_gpu_name``) and empty
-    means any model. ``geolocation`` holds country codes and empty means
+    means any model. ``geolocation`` contains country codes and empty means
     anywhere. ``extra_query`` is appended verbatim to the offer query, and an
     idle instance only serves a job whose ``extra_query`` is identical,
     because an arbitrary query cannot be checked locally.

@@ -33,7 +33,7 @@ class StatusBoard:
 
     The first waiter that finds the last round older than ``interval`` makes
     the call, outside the lock; the others wait for its result. A failed
-    call is a round too, so every waiter sees the error and decides itself.
+    call is a round too, so every waiter receives the error and decides itself.
     """
 
     def __init__(
@@ -54,7 +54,7 @@ class StatusBoard:
     def next_round(self, after: int) -> Round:
         """Return the first round newer than round number ``after``.
 
-        Blocks until that round exists; makes the list call when nobody else
+        Blocks until that round exists; makes the list call when no other waiter
         is making it and the last one is at least ``interval`` seconds old.
         """
         with self._changed:

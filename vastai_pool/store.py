@@ -42,8 +42,8 @@ from vastai_pool.requirements import Hardware, Requirements
 
 logger = logging.getLogger(__name__)
 
-# Labels of every pool's instances start with this; see ``Store.label_prefix``
-# for the part that tells pool databases apart.
+# Labels of every pool's instances start with this. ``Store.label_prefix``
+# adds the part that distinguishes one pool database from another.
 LABEL_PREFIX = "vastai-pool-"
 
 # A run whose heartbeat is older than this is over, even on another host: four

@@ -13,7 +13,7 @@ The eligible operation of each kind:
 - ``offer_taken``, ``create_fails``: a create call on an offer;
 - ``boot_stuck``, ``boot_fatal``: an instance's boot, decided once;
 - ``http_429``, ``http_502``, ``http_503``, ``http_504``: an API request
-  (``/api/`` paths); a hit answers the next ``burst`` eligible requests;
+  (``/api/`` paths); a hit fails the next ``burst`` eligible requests;
 - ``host_offline``, ``ssh_drop``, ``destroyed_outside``: an instance that
   has run for ``after_seconds``, decided once; ``ssh_drop`` with
   ``"during": "sftp"`` instead decides at its first SFTP read or write;
