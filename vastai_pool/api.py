@@ -39,10 +39,18 @@ _DEFAULT_OFFER_FILTERS: dict[str, dict[str, Any]] = {
     "rented": {"eq": False},
 }
 
-# Attempts of a destroy call on top of the SDK's own retries, and the first
-# pause between them in seconds (doubled each time).
-_DESTROY_ATTEMPTS = 4
+# A destroy is sent again (after a pause starting at _DESTROY_BACKOFF seconds,
+# doubled up to _DESTROY_PAUSE_CAP) until the API confirms the instance is
+# gone, for at most _DESTROY_PATIENCE seconds: an instance whose destroy
+# failed keeps billing.
 _DESTROY_BACKOFF = 1.0
+_DESTROY_PAUSE_CAP = 16.0
+_DESTROY_PATIENCE = 180.0
+# Seconds between the checks that a destroyed instance is gone; Vast.ai asks
+# for at least 2 s between show calls.
+_DESTROY_CONFIRM_PAUSES = (0.0, 2.0, 4.0)
+# cur_state of an instance that no longer holds its machine (after destroy).
+_GONE_STATES = frozenset({"unloaded", "destroyed"})
 
 
 # Attempts of a rate-limited create and the first pause in seconds; Vast.ai
@@ -371,14 +379,17 @@ class VastApi:
     ) -> list[Offer]:
         """Return the offers matching ``query``, priced for ``disk_gb`` of storage."""
         filters = parse_offer_query(query, with_defaults=True)
-        with _translated(f"search offers {query!r}"):
-            rows = self._sdk.search_offers(
+        # A search rents nothing, so it backs off and is sent again like a read.
+        rows = self._read(
+            f"search offers {query!r}",
+            lambda: self._sdk_once.search_offers(
                 query=filters,
                 order=order,
                 limit=limit,
                 storage=disk_gb,
                 no_default=True,
-            )
+            ),
+        )
         offers = []
         for row in rows or []:
             machine = row.get("machine_id")
@@ -462,8 +473,10 @@ class VastApi:
     def attach_ssh_key(self, instance_id: int, public_key: str) -> None:
         """Authorize ``public_key`` on an instance; a key already there is fine."""
         what = f"attach SSH key to instance {instance_id}"
-        with _translated(what):
-            reply = self._sdk.attach_ssh(instance_id, public_key)
+        # Attaching a key twice is harmless, so it is retried like a read.
+        reply = self._read(
+            what, lambda: self._sdk_once.attach_ssh(instance_id, public_key)
+        )
         if isinstance(reply, dict) and reply.get("success") is False:
             message = str(reply.get("msg") or reply.get("error") or "")
             if "already" in message.lower():
@@ -523,7 +536,9 @@ class VastApi:
                         status=exc.status,
                         error_code=exc.error_code,
                     ) from exc
-                logger.warning(
+                # One warning per burst; the attempts after it are details.
+                logger.log(
+                    logging.WARNING if attempt == 1 else logging.DEBUG,
                     "Vast.ai API call %s failed (attempt %d of %d), retrying in "
                     "%.2f s: %s",
                     what,
@@ -542,36 +557,74 @@ class VastApi:
         return None
 
     def destroy_instance(self, instance_id: int) -> None:
-        """Destroy an instance; an id the API does not find counts as destroyed.
+        """Destroy an instance and return once the API shows it gone.
 
-        Retries server errors and connection failures a few times, because a
-        failed destroy leaves an instance billing.
+        The destroy call is sent again after 429, 5xx and connection
+        failures, and again when the instance is still listed after it, with
+        pauses doubling up to 16 s, for at most 180 s. An id the API does not
+        know counts as destroyed. Raises ``ApiError`` with the last failure
+        when the time runs out or the API refuses the call (401, 403).
         """
         what = f"destroy instance {instance_id}"
+        started = self._monotonic()
         pause = _DESTROY_BACKOFF
-        for attempt in range(1, _DESTROY_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                with _translated(what):
-                    reply = self._sdk.destroy_instance(instance_id)
-                _check_success(reply, what)
-                return
-            except ApiError as exc:
-                if exc.status == 404 and exc.error_code in (None, "no_such_instance"):
-                    logger.info("instance %d was already destroyed", instance_id)
+                if not self._send_destroy(instance_id, what):
                     return
-                if exc.error_code == "no_such_instance":
+                if self._confirm_gone(instance_id):
                     return
-                retryable = exc.status is None or exc.status >= 500
-                if not retryable or attempt == _DESTROY_ATTEMPTS:
-                    raise
-                logger.warning(
-                    "destroying instance %d failed (attempt %d of %d), retrying "
-                    "in %.1f s: %s",
-                    instance_id,
-                    attempt,
-                    _DESTROY_ATTEMPTS,
-                    pause,
-                    exc,
+                failure = ApiError(
+                    f"Vast.ai API call {what} succeeded but the instance is "
+                    "still listed"
                 )
-                time.sleep(pause)
-                pause *= 2
+            except ApiError as exc:
+                retryable = exc.status is None or exc.status in _RETRY_STATUSES
+                if not retryable and not (exc.status and exc.status >= 500):
+                    raise
+                failure = exc
+            elapsed = self._monotonic() - started
+            if elapsed + pause > _DESTROY_PATIENCE:
+                raise ApiError(
+                    f"{failure} (gave up after {attempt} attempts in {elapsed:.0f} s)",
+                    status=failure.status,
+                    error_code=failure.error_code,
+                ) from failure
+            logger.log(
+                logging.WARNING if attempt == 1 else logging.DEBUG,
+                "destroying instance %d is not confirmed yet (attempt %d), "
+                "retrying in %.1f s: %s",
+                instance_id,
+                attempt,
+                pause,
+                failure,
+            )
+            self._sleep(pause)
+            pause = min(pause * 2, _DESTROY_PAUSE_CAP)
+
+    def _send_destroy(self, instance_id: int, what: str) -> bool:
+        """Send one destroy; return False when the API does not know the id."""
+        try:
+            with _translated(what):
+                reply = self._sdk_once.destroy_instance(instance_id)
+            _check_success(reply, what)
+        except ApiError as exc:
+            if exc.error_code == "no_such_instance" or (
+                exc.status == 404 and exc.error_code is None
+            ):
+                logger.info("instance %d was already destroyed", instance_id)
+                return False
+            raise
+        return True
+
+    def _confirm_gone(self, instance_id: int) -> bool:
+        """Return whether the API shows the instance gone after a destroy."""
+        for pause in _DESTROY_CONFIRM_PAUSES:
+            if pause:
+                self._sleep(pause)
+            remote = self.show_instance(instance_id)
+            if remote is None or (remote.raw.get("cur_state") in _GONE_STATES):
+                return True
+        return False

@@ -47,6 +47,10 @@ def _drop_channel_rejections(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("paramiko.transport").addFilter(_drop_channel_rejections)
+# paramiko's transport thread logs a traceback at ERROR for every connection
+# attempt that fails mid-handshake ("Error reading SSH protocol banner");
+# Connection retries those and raises SshError when it gives up.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
@@ -72,6 +76,15 @@ PREFETCH_REQUESTS = 64
 # well below Linux's 128 KiB limit of one argument string.
 SHA256_ARGUMENT_BYTES = 64 * 1024
 
+# A dropped connection is opened again up to this many times, the pauses
+# between the attempts doubling from RECONNECT_DELAY seconds: a host that
+# answers again within about 15 s keeps its job, one that does not is lost.
+RECONNECT_ATTEMPTS = 5
+RECONNECT_DELAY = 1.0
+# Attempts of one idempotent operation (a transfer, a read) over dropped
+# connections before it fails.
+OPERATION_ATTEMPTS = 3
+
 _TRANSPORT_ERRORS = (OSError, EOFError, paramiko.SSHException)
 
 
@@ -96,8 +109,9 @@ class Connection:
     """One SSH connection to one instance, shared by all of its jobs.
 
     Thread-safe: several threads may run commands and transfers at once
-    (each gets its own channel). Methods reconnect once when the transport
-    has dropped, and raise ``SshError`` with the endpoint and the command or
+    (each gets its own channel). Idempotent methods (transfers, reads)
+    reconnect with backoff when the transport has dropped and start again;
+    they raise ``SshError`` with the endpoint and the command or
     path when they fail. ``host_key`` pins the key (``"<type> <base64>"``)
     seen at first contact; a different key raises ``HostKeyMismatch``.
     """
@@ -121,6 +135,10 @@ class Connection:
         self._channel_slots = threading.BoundedSemaphore(MAX_CHANNELS)
         # Set once the server rejects posix-rename@openssh.com.
         self._plain_rename = False
+        # Called (without arguments, errors ignored) when an established
+        # connection is found dropped, before reconnecting: the pool asks
+        # the API about the host while its state is fresh.
+        self.drop_observer: Callable[[], None] | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -154,7 +172,9 @@ class Connection:
         if transport is not None:
             transport.close()
 
-    def _open_transport(self, attempts: int, delay: float) -> paramiko.Transport:
+    def _open_transport(
+        self, attempts: int, delay: float, *, growth: float = 1.0
+    ) -> paramiko.Transport:
         last_error: BaseException | None = None
         for attempt in range(1, max(attempts, 1) + 1):
             try:
@@ -172,6 +192,7 @@ class Connection:
                 )
             if attempt < attempts:
                 time.sleep(delay)
+                delay *= growth
 
         hint = "check that the instance is running and its SSH port is reachable"
         if isinstance(last_error, paramiko.AuthenticationException):
@@ -249,8 +270,26 @@ class Connection:
                     logger.warning(
                         "SSH connection to %s dropped; reconnecting", self._endpoint
                     )
-                self._transport = self._open_transport(1, 0.0)
+                    self._notify_drop()
+                if self._host_key is None:
+                    # Never connected: ``connect`` sets its own attempts.
+                    self._transport = self._open_transport(1, 0.0)
+                else:
+                    self._transport = self._open_transport(
+                        RECONNECT_ATTEMPTS, RECONNECT_DELAY, growth=2.0
+                    )
             return self._transport
+
+    def _notify_drop(self) -> None:
+        observer = self.drop_observer
+        if observer is None:
+            return
+        try:
+            observer()
+        except Exception:
+            logger.debug(
+                "the drop observer of %s failed", self._endpoint, exc_info=True
+            )
 
     def _discard(self, transport: paramiko.Transport) -> None:
         """Close ``transport`` unless another thread already replaced it."""
@@ -260,33 +299,37 @@ class Connection:
         transport.close()
 
     def _call(self, action: str, operation: Callable[[paramiko.Transport], T]) -> T:
-        """Run an idempotent ``operation``, again on a new transport if it dropped."""
-        transport = self._active_transport()
-        try:
-            return operation(transport)
-        except _TRANSPORT_ERRORS as exc:
-            # An SFTP reply that does not come within SFTP_TIMEOUT means a
-            # dead peer that paramiko has not noticed, so it counts as a drop.
-            if transport.is_active() and not isinstance(exc, TimeoutError):
-                raise SshError(
-                    f"{action} on {self._endpoint} failed: {_describe_error(exc)}"
-                ) from exc
-            logger.warning(
-                "SSH connection to %s dropped during %s (%s); reconnecting once",
-                self._endpoint,
-                action,
-                _describe_error(exc),
-            )
+        """Run an idempotent ``operation``, again on a new transport after a drop.
 
-        self._discard(transport)
-        transport = self._active_transport()
-        try:
-            return operation(transport)
-        except _TRANSPORT_ERRORS as exc:
-            raise SshError(
-                f"{action} on {self._endpoint} failed after reconnecting: "
-                f"{_describe_error(exc)}"
-            ) from exc
+        Up to ``OPERATION_ATTEMPTS`` attempts; each reconnect backs off as
+        ``_active_transport`` does. An error on a live transport is raised at
+        once, because sending the operation again would fail the same way.
+        """
+        for attempt in range(1, OPERATION_ATTEMPTS + 1):
+            transport = self._active_transport()
+            try:
+                return operation(transport)
+            except _TRANSPORT_ERRORS as exc:
+                # An SFTP reply that does not come within SFTP_TIMEOUT means a
+                # dead peer that paramiko has not noticed, so it counts as a drop.
+                if transport.is_active() and not isinstance(exc, TimeoutError):
+                    raise SshError(
+                        f"{action} on {self._endpoint} failed: {_describe_error(exc)}"
+                    ) from exc
+                if attempt == OPERATION_ATTEMPTS:
+                    raise SshError(
+                        f"{action} on {self._endpoint} failed after reconnecting "
+                        f"{attempt - 1} times: {_describe_error(exc)}"
+                    ) from exc
+                logger.warning(
+                    "SSH connection to %s dropped during %s (%s); reconnecting",
+                    self._endpoint,
+                    action,
+                    _describe_error(exc),
+                )
+                self._notify_drop()
+                self._discard(transport)
+        raise AssertionError("unreachable")
 
     @contextmanager
     def _session(self, action: str) -> Iterator[paramiko.Channel]:
