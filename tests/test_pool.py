@@ -352,17 +352,24 @@ def test_keep_instances_survive_close(make_pool, market, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("market", [30.0], indirect=True)
-def test_boot_timeout_destroys_instance(make_pool, market) -> None:
+def test_boot_timeout_destroys_each_instance_and_tries_other_machines(
+    make_pool, market
+) -> None:
     pool = make_pool(boot_timeout=0.3)
     status = run(pool, job(1, "true"))
     assert status.state is JobState.FAILED
     assert "boot timeout" in status.message
-    assert rented_count(market) == 1
+    assert "5 instances failed to boot" in status.message
+    # Five boots, each on another machine, every one destroyed.
+    assert rented_count(market) == 5
     assert alive_ids(market) == set()
-    (record,) = records(pool).values()
-    assert str(record.vast_id) in status.message
-    assert record.state == InstanceState.DESTROYED
-    assert record.destroy_reason == DestroyReason.BOOT_FAILED
+    rows = list(records(pool).values())
+    assert len({r.machine_id for r in rows}) == 5
+    assert {r.state for r in rows} == {InstanceState.DESTROYED}
+    assert {r.destroy_reason for r in rows} == {DestroyReason.BOOT_FAILED}
+    assert str(rows[-1].vast_id) in status.message
+    remembered = db.failed_machines(pool.store, pool.account)
+    assert set(remembered) == {r.machine_id for r in rows}
 
 
 def test_max_instances_waits_then_evicts(make_pool, market) -> None:
@@ -401,21 +408,30 @@ def test_check_market_rejects_impossible_requirements(make_pool, market) -> None
     assert rented_count(market) == 0
 
 
-def test_fatal_boot_message_destroys_instance(make_pool, market) -> None:
+def test_fatal_boot_message_moves_job_to_another_machine(make_pool, market) -> None:
     from vastai_pool.sandbox import BootFault, FaultHooks
 
-    class PullFails(FaultHooks):
+    failed: list[int] = []
+
+    class FirstPullFails(FaultHooks):
         def boot_fault(self, instance_id: int) -> BootFault | None:
+            if failed and failed[0] != instance_id:
+                return None
+            failed[:1] = [instance_id]
             return BootFault("loading", "Error response: manifest unknown")
 
-    market.faults = PullFails()
+    market.faults = FirstPullFails()
     pool = make_pool()
     status = run(pool, job(1, "true"))
-    assert status.state is JobState.FAILED
-    assert "manifest unknown" in status.message
-    assert alive_ids(market) == set()
-    (record,) = records(pool).values()
-    assert record.destroy_reason == DestroyReason.BOOT_FAILED
+    assert status.state is JobState.SUCCEEDED, status.message
+    assert alive_ids(market) == {status.instance_id}
+    rows = {r.vast_id: r for r in records(pool).values()}
+    bad = rows[failed[0]]
+    assert bad.destroy_reason == DestroyReason.BOOT_FAILED
+    assert rows[status.instance_id].machine_id != bad.machine_id
+    remembered = db.failed_machines(pool.store, pool.account)
+    assert list(remembered) == [bad.machine_id]
+    assert "manifest unknown" in remembered[bad.machine_id]
 
 
 def test_taken_offer_falls_through_to_next(make_pool, market) -> None:
@@ -531,7 +547,7 @@ def test_sources_shipped_once_per_checksum(
     assert record.sources == frozenset({f"{remote_work_dir(workdir)}/{checksum}"})
 
 
-def test_create_server_error_reconciles_label(make_pool, market) -> None:
+def test_create_server_errors_reconcile_labels_then_give_up(make_pool, market) -> None:
     from vastai_pool.sandbox import FaultHooks, Reply
 
     class CreateGateway(FaultHooks):
@@ -543,9 +559,11 @@ def test_create_server_error_reconciles_label(make_pool, market) -> None:
     status = run(pool, job(1, "true"))
     assert status.state is JobState.FAILED
     assert "HTTP 502" in status.message
-    (record,) = db.list_instances(pool.store, include_destroyed=True)
-    assert record.state == InstanceState.DESTROYED
-    assert record.destroy_reason == DestroyReason.RENT_FAILED
+    # Three offers per search, three searches, and no instance behind any.
+    rows = db.list_instances(pool.store, include_destroyed=True)
+    assert len(rows) == 9
+    assert {r.state for r in rows} == {InstanceState.DESTROYED}
+    assert {r.destroy_reason for r in rows} == {DestroyReason.RENT_FAILED}
     assert rented_count(market) == 0
 
 

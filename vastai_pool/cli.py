@@ -114,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reap.set_defaults(func=run_reap)
 
+    machines = subparsers.add_parser(
+        "machines",
+        parents=[common],
+        help="list or forget the machines rentals avoid",
+        description="List the Vast.ai machines that failed an instance of this "
+        "pool in the last "
+        f"{pool_store.MACHINE_MEMORY_SECONDS / 3600:.0f} hours (a fatal boot "
+        "message, a boot that timed out, SSH that never answered, a host that "
+        "went offline), which new rentals skip. Without an API key, every "
+        "account's are listed.",
+    )
+    machines.add_argument(
+        "--forget",
+        nargs="*",
+        type=int,
+        default=None,
+        metavar="MACHINE_ID",
+        help="stop avoiding these machines (all of them when no id is given)",
+    )
+    machines.add_argument("--json", action="store_true", help="print a JSON list")
+    machines.set_defaults(func=run_machines)
+
     _add_report_parser(subparsers)
     _add_sandbox_parser(subparsers)
     return parser
@@ -227,6 +249,79 @@ def run_ls(args: argparse.Namespace) -> int:
             "destroys them."
         )
     return 0
+
+
+def run_machines(args: argparse.Namespace) -> int:
+    db_path = _existing_db(args)
+    if db_path is None:
+        if args.json:
+            _out("[]")
+        return 0
+    try:
+        account: str | None = account_id(
+            resolve_api_url(args.api_url), resolve_api_key(args.api_key)
+        )
+    except ConfigError:
+        account = None
+    with Store(db_path) as store:
+        if args.forget is not None:
+            forgotten = pool_store.forget_failed_machines(
+                store, account, args.forget or None
+            )
+            which = ", ".join(map(str, args.forget)) if args.forget else "every machine"
+            _out(f"forgot {forgotten} recorded failure(s) of {which}")
+            return 0
+        rows = pool_store.avoided_machines(store, account)
+    if args.json:
+        _out(
+            json.dumps(
+                [
+                    {
+                        "machine_id": row.machine_id,
+                        "account": row.account,
+                        "failures": row.failures,
+                        "last_failure": iso_time(row.at),
+                        "avoided_until": iso_time(
+                            row.at + pool_store.MACHINE_MEMORY_SECONDS
+                        ),
+                        "instance_id": row.instance_vast_id,
+                        "detail": row.detail,
+                    }
+                    for row in rows
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not rows:
+        _out("no machine is avoided")
+        return 0
+    header = ("MACHINE", "FAILURES", "LAST FAILURE", "AVOIDED UNTIL", "WHAT FAILED")
+    lines = [
+        (
+            str(row.machine_id),
+            str(row.failures),
+            iso_time(row.at) or "",
+            iso_time(row.at + pool_store.MACHINE_MEMORY_SECONDS) or "",
+            _shorten(row.detail, 90),
+        )
+        for row in rows
+    ]
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(4)]
+    for cells in [header, *lines]:
+        _out(
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(cells[:4], widths, strict=True)
+            )
+            + "  "
+            + cells[4]
+        )
+    return 0
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _open_api(api_url: str, api_key: str) -> VastApi | None:

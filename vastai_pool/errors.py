@@ -50,11 +50,20 @@ class NoMatchingOffer(PoolError):
 
 
 class BootFailed(PoolError):
-    """An instance did not reach ``running`` or could not be prepared."""
+    """An instance did not reach ``running`` or could not be prepared.
 
-    def __init__(self, message: str, *, instance_id: int) -> None:
+    ``machine_fault`` is True when the machine itself is to blame (a fatal
+    status message, a boot that never finished, SSH that never answered), so
+    that later runs avoid it; False when the cause may lie elsewhere, such as
+    a package that would not install.
+    """
+
+    def __init__(
+        self, message: str, *, instance_id: int, machine_fault: bool = True
+    ) -> None:
         super().__init__(message)
         self.instance_id = instance_id
+        self.machine_fault = machine_fault
 
 
 class SshError(PoolError):

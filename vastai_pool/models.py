@@ -221,3 +221,24 @@ class PoolMeta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class FailedMachine(Base):
+    """A Vast.ai machine that failed an instance of this pool, and why.
+
+    Rentals skip machines with a recent row, in this run and in later runs
+    on the same database (``store.MACHINE_MEMORY_SECONDS``).
+    """
+
+    __tablename__ = "failed_machines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account: Mapped[str] = mapped_column(String(64))
+    machine_id: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float)
+    run_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    instance_vast_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    # What failed, in the words of the pool's log (e.g. the boot's status_msg).
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_failed_machines_account_at", "account", "at"),)

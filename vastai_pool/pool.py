@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from vastai_pool import inventory, reap
 from vastai_pool import store as db
-from vastai_pool.api import Offer, VastApi
+from vastai_pool.api import Offer, VastApi, VastStatus
 from vastai_pool.budget import BudgetSpent, BudgetView, Hold, assess
 from vastai_pool.costs import run_costs
 from vastai_pool.errors import NoMatchingOffer, PoolError, SshError
@@ -152,6 +152,10 @@ class RunSummary:
 _COUNTED_STATES = frozenset(
     {InstanceState.IDLE, InstanceState.BUSY, InstanceState.DESTROYING}
 )
+# API states of an instance whose host, not the job, failed.
+_HOST_DOWN_STATES = frozenset({VastStatus.OFFLINE.value, VastStatus.UNKNOWN.value})
+# Placements of one job when its instance is lost before the job starts.
+_PLACEMENTS = 3
 # Seconds ``cancel`` waits for a cancelled job's worker to clean up.
 _CANCEL_WAIT = 120.0
 # The budget timer stops running jobs once the spend plus this many timer
@@ -207,6 +211,8 @@ class Pool:
         self._renting = 0
         self._connections: dict[int, Connection] = {}
         self._failed_machines: set[int] = set()
+        # API state of each instance when its SSH connection last dropped.
+        self._host_states: dict[int, str] = {}
         self._market: dict[Requirements, NoMatchingOffer | None] = {}
         self._labels = itertools.count(1)
         self._summary: RunSummary | None = None
@@ -257,6 +263,15 @@ class Pool:
             max_workers=workers, thread_name_prefix="vastai-pool-job"
         )
         self._run_started_at = db.get_run(self._store, self.run_id).started_at
+        remembered = db.failed_machines(self._store, self.account)
+        if remembered:
+            self._failed_machines.update(remembered)
+            logger.info(
+                "avoiding %d machines that failed in the last %.0f h: %s",
+                len(remembered),
+                db.MACHINE_MEMORY_SECONDS / 3600,
+                ", ".join(str(m) for m in sorted(remembered)),
+            )
         self._scheduler = start_timers(self._timers())
         self._install_sigterm_handler()
         logger.info("pool run %s opened on %s", self.run_id, config.api_url)
@@ -760,6 +775,20 @@ class Pool:
             should_stop=job.cancelled.is_set,
             status_board=self._status_board,
             packages=self.config.packages,
+            machine_failed=self._remember_machine,
+        )
+
+    def _remember_machine(self, machine_id: int, vast_id: int | None, why: str) -> None:
+        """Avoid a machine for the rest of this run and, through the
+        database, in later runs."""
+        self._failed_machines.add(machine_id)
+        db.record_failed_machine(
+            self.store,
+            account=self.account,
+            machine_id=machine_id,
+            run_id=self.run_id,
+            instance_vast_id=vast_id,
+            detail=why,
         )
 
     def _next_label(self) -> str:
@@ -848,9 +877,13 @@ class Pool:
                 try:
                     connection = self._connection_for(record)
                 except SshError as exc:
-                    self._lose(
-                        record, lease_id, f"SSH to a warm instance failed: {exc}"
+                    why = (
+                        f"warm instance {record.vast_id} cannot be reached "
+                        f"({self._explain_loss(record)}), so job {spec.job_id} "
+                        f"(rule {spec.rule}) is placed elsewhere: {exc}"
                     )
+                    logger.warning("%s", why)
+                    self._lose(record, lease_id, why)
                     continue
                 logger.info(
                     "job %s (rule %s) reuses warm instance %d",
@@ -895,7 +928,7 @@ class Pool:
                 with self._placement:
                     self._renting -= 1
                     self._placement.notify_all()
-            self._connections[rental.record.pk] = rental.connection
+            self._track(rental.record.pk, rental.connection)
             record = db.get_instance(self.store, rental.record.pk)
             self._hold_instance(job, record)
             logger.info(
@@ -909,6 +942,8 @@ class Pool:
     def _connection_for(self, record: InstanceRecord) -> Connection:
         connection = self._connections.get(record.pk)
         if connection is not None:
+            # Returns at once on a live transport, reconnects a dropped one.
+            connection.connect(attempts=3, delay=1.0)
             return connection
         if record.ssh_host is None or record.ssh_port is None:
             raise SshError(f"instance {record.vast_id} has no SSH endpoint recorded")
@@ -919,8 +954,26 @@ class Pool:
             host_key=record.host_key,
         )
         connection.connect(attempts=3, delay=1.0)
-        self._connections[record.pk] = connection
+        self._track(record.pk, connection)
         return connection
+
+    def _track(self, pk: int, connection: Connection) -> None:
+        """Keep an instance's connection, and note the host's API state
+        whenever the connection drops."""
+        connection.drop_observer = lambda: self._observe_host(pk)
+        self._connections[pk] = connection
+
+    def _observe_host(self, pk: int) -> None:
+        record = db.get_instance(self.store, pk)
+        if record.vast_id is None:
+            return
+        remote = self.api.show_instance(record.vast_id)
+        state = "gone" if remote is None else remote.status.value
+        with self._jobs_lock:
+            # The first sign of trouble tells most: an offline host is
+            # often removed from the list soon after.
+            if self._host_states.get(pk) in (None, VastStatus.RUNNING.value):
+                self._host_states[pk] = state
 
     # Running ----------------------------------------------------------------
 
@@ -936,6 +989,15 @@ class Pool:
                 self._holds.pop(job.handle, None)
 
     def _place_and_run(self, job: _Job) -> None:
+        # A job whose instance is lost before the job starts (while its
+        # sources or inputs are shipped) is placed again, up to this often,
+        # instead of spending one of Snakemake's retries.
+        for placement in range(1, _PLACEMENTS + 1):
+            if self._place_and_run_once(job, last=placement == _PLACEMENTS):
+                return
+
+    def _place_and_run_once(self, job: _Job, *, last: bool) -> bool:
+        """Place and run the job; return False to have it placed again."""
         spec = job.spec
         try:
             record, lease_id, connection, _warm = self._place(job)
@@ -947,12 +1009,13 @@ class Pool:
                 or f"job {spec.job_id} (rule {spec.rule}) was cancelled before it "
                 "got an instance",
             )
-            return
+            return True
         except PoolError as exc:
             message = job.stop_message or str(exc)
-            logger.error("job %s (rule %s) failed: %s", spec.job_id, spec.rule, message)
+            # Snakemake prints the message in its error report of the job.
+            logger.debug("job %s (rule %s) failed: %s", spec.job_id, spec.rule, message)
             self._set_status(job, state=JobState.FAILED, message=message)
-            return
+            return True
         except Exception as exc:
             logger.exception("placing job %s (rule %s) failed", spec.job_id, spec.rule)
             self._set_status(
@@ -961,7 +1024,7 @@ class Pool:
                 message=f"placing job {spec.job_id} failed: "
                 f"{type(exc).__name__}: {exc}",
             )
-            return
+            return True
 
         if job.cancelled.is_set():
             cancelled = JobResult(
@@ -972,7 +1035,7 @@ class Pool:
                 log_path=local_log_path(self.config, spec),
             )
             self._finish(job, record, lease_id, cancelled)
-            return
+            return True
         self._set_status(
             job,
             state=JobState.RUNNING,
@@ -1003,7 +1066,23 @@ class Pool:
                 instance_healthy=False,
                 log_path=runner.log_path,
             )
+        if (
+            result.outcome == LeaseOutcome.LOST
+            and not runner.started
+            and not last
+            and not job.cancelled.is_set()
+        ):
+            why = (
+                f"instance {record.vast_id} was lost before job {spec.job_id} "
+                f"(rule {spec.rule}) started ({self._explain_loss(record)}), so "
+                f"the job is placed again: {result.message}"
+            )
+            logger.warning("%s", why)
+            self._lose(record, lease_id, why)
+            job.runner = None
+            return False
         self._finish(job, record, lease_id, result)
+        return True
 
     def _finish(
         self, job: _Job, record: InstanceRecord, lease_id: int, result: JobResult
@@ -1021,6 +1100,13 @@ class Pool:
                 instance_state=InstanceState.IDLE,
             )
         elif result.outcome == LeaseOutcome.LOST:
+            explanation = self._explain_loss(record)
+            result = dataclasses.replace(
+                result,
+                message=f"{result.message}; {explanation}. The instance was "
+                "destroyed; with --retries, Snakemake runs the job again on "
+                "another instance",
+            )
             self._lose(record, lease_id, result.message)
         else:
             db.end_lease(
@@ -1043,7 +1129,8 @@ class Pool:
         if not succeeded and job.stop_message is not None:
             result = dataclasses.replace(result, message=job.stop_message)
         if not succeeded:
-            logger.warning("%s", result.message)
+            # Snakemake prints the message in its error report of the job.
+            logger.debug("%s", result.message)
         self._set_status(
             job,
             state=JobState.SUCCEEDED if succeeded else JobState.FAILED,
@@ -1057,7 +1144,10 @@ class Pool:
     # Destroying -------------------------------------------------------------
 
     def _lose(self, record: InstanceRecord, lease_id: int, why: str) -> None:
-        """End a lease whose host is unreachable and destroy what is left of it."""
+        """End a lease whose host is unreachable and destroy what is left of it.
+
+        The caller has explained the loss (``_explain_loss``) in ``why``.
+        """
         db.end_lease(
             self.store,
             lease_id,
@@ -1071,6 +1161,35 @@ class Pool:
             why=why,
             state_on_failure=InstanceState.LOST,
         )
+
+    def _explain_loss(self, record: InstanceRecord) -> str:
+        """Say what the API knows about an unreachable instance.
+
+        When its host is offline or unknown (not destroyed from outside), its
+        machine is avoided from now on, in this run and later ones.
+        """
+        with self._jobs_lock:
+            state = self._host_states.get(record.pk)
+        if state in (None, VastStatus.RUNNING.value) and record.vast_id is not None:
+            try:
+                remote = self.api.show_instance(record.vast_id)
+            except PoolError as exc:
+                return f"its state is unknown, the API did not answer: {exc}"
+            state = "gone" if remote is None else remote.status.value
+        if state == "gone":
+            return (
+                "Vast.ai no longer lists the instance, so it was destroyed "
+                "outside the pool or its host was removed"
+            )
+        if state in _HOST_DOWN_STATES and record.machine_id is not None:
+            self._remember_machine(
+                record.machine_id, record.vast_id, f"host {state}, instance lost"
+            )
+            return (
+                f"Vast.ai reports its host {state}; machine {record.machine_id} "
+                "is avoided from now on"
+            )
+        return f"Vast.ai lists it as {state} but SSH does not answer"
 
     def _destroy(
         self,

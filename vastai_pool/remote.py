@@ -167,8 +167,7 @@ class JobRunner:
             return JobResult(
                 LeaseOutcome.LOST,
                 None,
-                f"{self.name} lost its instance {self.record.vast_id}: {exc}. The "
-                "instance is treated as gone; Snakemake may retry the job.",
+                f"{self.name} lost its instance {self.record.vast_id}: {exc}",
                 instance_healthy=False,
                 log_path=self.log_path,
             )

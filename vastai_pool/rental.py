@@ -49,6 +49,20 @@ FATAL_STATUS_MESSAGES = (
     "OCI runtime create failed",
 )
 FATAL_STATUSES = frozenset({VastStatus.EXITED, VastStatus.UNKNOWN, VastStatus.OFFLINE})
+# Destroy reasons whose cause the caller logs as a warning just before, so the
+# destroy's own line does not repeat it.
+_CAUSE_LOGGED_BEFORE = frozenset(
+    {DestroyReason.BOOT_FAILED, DestroyReason.GONE, DestroyReason.RENT_FAILED}
+)
+
+# Offers in a row that could not be rented (taken, or refused) before the
+# market is searched again, since the rest of that search is likely stale.
+MISSES_PER_SEARCH = 3
+# Searches of the market for one rental before it gives up.
+SEARCHES = 3
+# Instances that may fail to boot for one job before the job fails; each
+# failure puts its machine on the avoided list first.
+BOOT_ATTEMPTS = 5
 
 # sshd starts after the API reports running: attempts and seconds between them.
 SSH_CONNECT_ATTEMPTS = 8
@@ -87,10 +101,17 @@ class RentalContext:
     status_board: StatusBoard | None = None
     # Pip requirements (``name==version``) installed on each new instance.
     packages: tuple[str, ...] = ()
+    # Called with (machine id, instance id, what failed) when a machine is to
+    # blame for a failed boot, to remember it beyond this run.
+    machine_failed: Callable[[int, int, str], None] | None = None
 
 
 class RentalCancelled(PoolError):
     """A rental was abandoned because its job was cancelled; nothing is left."""
+
+
+class _OfferMissed(Exception):
+    """An offer could not be rented (taken or refused), but another may be."""
 
 
 @dataclass
@@ -149,7 +170,10 @@ def destroy(
                 db.transition(store, record.pk, state_on_failure, why=f"{why}; {exc}")
             return
     db.transition(store, record.pk, InstanceState.DESTROYED, why=why, reason=reason)
-    logger.info("destroyed instance %s (%s): %s", record.vast_id, reason.value, why)
+    if reason in _CAUSE_LOGGED_BEFORE:
+        logger.info("destroyed instance %s (%s)", record.vast_id, reason.value)
+    else:
+        logger.info("destroyed instance %s (%s): %s", record.vast_id, reason.value, why)
 
 
 def rent(
@@ -160,47 +184,114 @@ def rent(
 ) -> Rental:
     """Rent the cheapest offer that fits, boot it and prepare it for jobs.
 
-    Offers that were taken are skipped, and the market is searched once more
-    when every offer was taken. Machines that failed to boot in this run are
-    skipped and added to ``failed_machines``.
+    An offer that was taken or refused is skipped for the next one, and the
+    market is searched again after ``MISSES_PER_SEARCH`` of them in a row
+    (``SEARCHES`` searches in all). An instance that fails to boot is
+    destroyed, its machine is added to ``failed_machines`` (and reported to
+    ``ctx.machine_failed``), and when the machine is to blame another offer
+    is tried, up to ``BOOT_ATTEMPTS`` boots.
     """
     query = requirements.offer_query()
-    for round_number in (1, 2):
+    tried: set[int] = set()
+    boot_failures: list[BootFailed] = []
+    last_miss = ""
+    for search in range(1, SEARCHES + 1):
         offers = ctx.api.search_offers(
             query, order=requirements.order, disk_gb=requirements.disk_gb
         )
-        candidates = [o for o in offers if o.machine_id not in failed_machines]
+        candidates = sorted(
+            (
+                o
+                for o in offers
+                if o.machine_id not in failed_machines and o.id not in tried
+            ),
+            key=lambda o: o.hardware.dph_total,
+        )
         if not candidates:
-            raise NoMatchingOffer(
-                f"no Vast.ai offer matches {query!r}"
-                + (" (other than machines that failed in this run)" if offers else "")
-                + ". Relax the job's resources or --vastai-search-query, or raise "
-                "--vastai-max-price.",
-                query=query,
-            )
-        candidates.sort(key=lambda o: o.hardware.dph_total)
+            break
+        misses = 0
         for offer in candidates:
+            if offer.machine_id in failed_machines:
+                continue
             _check_stop(ctx, f"before renting offer {offer.id}")
             if ctx.admit is not None:
                 ctx.admit(offer)
-            record = _create(ctx, requirements, offer)
-            if record is None:
+            if offer.machine_id in failed_machines:
+                # Another job's boot failed on it meanwhile.
+                continue
+            tried.add(offer.id)
+            try:
+                record = _create(ctx, requirements, offer)
+            except _OfferMissed as miss:
+                last_miss = str(miss)
+                misses += 1
+                if misses >= MISSES_PER_SEARCH:
+                    break
                 continue
             try:
                 connection = boot(ctx, record, offer)
-            except BootFailed:
-                if offer.machine_id is not None:
-                    failed_machines.add(offer.machine_id)
-                raise
+            except BootFailed as exc:
+                _remember_failure(ctx, offer, exc, failed_machines)
+                if not exc.machine_fault:
+                    # A package that does not install, for example, would
+                    # most likely fail the same way on another machine.
+                    raise
+                boot_failures.append(exc)
+                if len(boot_failures) >= BOOT_ATTEMPTS:
+                    raise BootFailed(
+                        f"{len(boot_failures)} instances failed to boot for this "
+                        f"job, the last one: {exc}",
+                        instance_id=exc.instance_id,
+                        machine_fault=exc.machine_fault,
+                    ) from exc
+                continue
             return Rental(db.get_instance(ctx.store, record.pk), connection, offer)
-        logger.warning(
-            "every offer matching %r was taken (search %d of 2)", query, round_number
+        logger.info(
+            "searching the market again for %r (search %d of %d): %d offers "
+            "could not be rented",
+            query,
+            search + 1,
+            SEARCHES,
+            len(tried),
+        )
+    if boot_failures:
+        raise boot_failures[-1]
+    if not tried:
+        avoided = " other than machines that failed before" if failed_machines else ""
+        raise NoMatchingOffer(
+            f"no Vast.ai offer{avoided} matches {query!r}. Relax the job's "
+            "resources or --vastai-search-query, or raise --vastai-max-price.",
+            query=query,
         )
     raise NoMatchingOffer(
-        f"every Vast.ai offer matching {query!r} was taken before it could be "
-        "rented; try again, or relax the job's resources.",
+        f"none of the {len(tried)} Vast.ai offers tried for {query!r} could be "
+        f"rented; the last reply: {last_miss}. Try again later, or relax the "
+        "job's resources.",
         query=query,
     )
+
+
+def _remember_failure(
+    ctx: RentalContext, offer: Offer, exc: BootFailed, failed_machines: set[int]
+) -> None:
+    """Avoid the offer's machine for the rest of the run, and later if to blame."""
+    if offer.machine_id is None:
+        return
+    failed_machines.add(offer.machine_id)
+    if exc.machine_fault and ctx.machine_failed is not None:
+        try:
+            ctx.machine_failed(offer.machine_id, exc.instance_id, str(exc))
+        except PoolError as error:
+            logger.warning(
+                "could not remember that machine %d failed: %s",
+                offer.machine_id,
+                error,
+            )
+    if exc.machine_fault:
+        logger.info(
+            "avoiding machine %d in this and later runs; renting another instance",
+            offer.machine_id,
+        )
 
 
 def _check_stop(ctx: RentalContext, when: str) -> None:
@@ -210,8 +301,9 @@ def _check_stop(ctx: RentalContext, when: str) -> None:
 
 def _create(
     ctx: RentalContext, requirements: Requirements, offer: Offer
-) -> InstanceRecord | None:
-    """Record and create one rental; return None when the offer was taken."""
+) -> InstanceRecord:
+    """Record and create one rental; raise ``_OfferMissed`` when another
+    offer may still be rented."""
     label = ctx.next_label()
     # The instance is allocated the job's disk, not the offer's free space.
     hardware = dataclasses.replace(offer.hardware, disk_gb=requirements.disk_gb)
@@ -243,7 +335,7 @@ def _create(
             why=f"offer {offer.id} was taken",
             reason=DestroyReason.RENT_FAILED,
         )
-        return None
+        raise _OfferMissed(str(exc)) from exc
     except ApiError as exc:
         if exc.instance_id is not None:
             # Vast.ai created an instance although it reported a failure.
@@ -268,8 +360,9 @@ def _create(
                 reason=DestroyReason.RENT_FAILED,
                 why=f"create of offer {offer.id} failed: {exc}",
             )
-            return None
+            raise _OfferMissed(str(exc)) from exc
         if exc.status is None or exc.status >= 500:
+            # The create may or may not have rented the offer.
             _reconcile_by_label(ctx, pk, label, f"create of offer {offer.id}: {exc}")
         else:
             db.transition(
@@ -279,6 +372,11 @@ def _create(
                 why=f"create of offer {offer.id} failed: {exc}",
                 reason=DestroyReason.RENT_FAILED,
             )
+        if _offer_specific(exc):
+            logger.warning(
+                "offer %d could not be rented, trying the next one: %s", offer.id, exc
+            )
+            raise _OfferMissed(str(exc)) from exc
         raise
     logger.info(
         "rented instance %d (label %s) from offer %d: %d x %s at $%.3f/h",
@@ -302,6 +400,18 @@ def _create(
         vast_id=vast_id,
         **prices,
     )
+
+
+def _offer_specific(exc: ApiError) -> bool:
+    """Return whether a failed create may succeed on another offer.
+
+    A ``success: false`` reply (HTTP 200) and server errors concern the
+    offer or the moment; 4xx replies (a bad key, no credit, a bad image)
+    would fail the same way on every offer.
+    """
+    if exc.error_code in ("insufficient_credit", "auth_error"):
+        return False
+    return exc.status is None or exc.status == 200 or exc.status >= 500
 
 
 def _reconcile_by_label(ctx: RentalContext, pk: int, label: str, why: str) -> None:
@@ -418,7 +528,9 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
         if isinstance(exc, PoolError) and not isinstance(
             exc, (BootFailed, RentalCancelled)
         ):
-            raise BootFailed(why, instance_id=vast_id) from exc
+            # The machine is not to blame for an API error or a dropped
+            # SSH command.
+            raise BootFailed(why, instance_id=vast_id, machine_fault=False) from exc
         raise
 
 
@@ -535,6 +647,7 @@ def prepare(
             f"instance {vast_id} (offer {offer_id}): pip install "
             f"{' '.join(missing)} failed with exit code {install.exit_code}: {tail}",
             instance_id=vast_id,
+            machine_fault=False,
         )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from vastai_pool.models import (
     ALIVE_STATES,
     DestroyReason,
     Event,
+    FailedMachine,
     Instance,
     InstanceFile,
     InstanceState,
@@ -49,6 +50,11 @@ LABEL_PREFIX = "vastai-pool-"
 # A run whose heartbeat is older than this is over, even on another host: four
 # missed beats of the 30 s heartbeat (``vastai_pool.reaper.HEARTBEAT_SECONDS``).
 RUN_STALE_SECONDS = 120.0
+
+# Seconds a machine that failed an instance is skipped by rentals. A failed
+# image pull or a full disk on a host is seldom fixed within hours, and a
+# day later the machine gets another chance.
+MACHINE_MEMORY_SECONDS = 24 * 3600.0
 
 _GONE_STATES = frozenset({InstanceState.DESTROYED, InstanceState.LOST})
 # Columns that ``transition`` maintains itself and callers may not set.
@@ -892,3 +898,88 @@ __all__ = [
     "RunRecord",
     "Store",
 ]
+
+
+# Failed machines ---------------------------------------------------------
+
+
+def record_failed_machine(
+    store: Store,
+    *,
+    account: str,
+    machine_id: int,
+    run_id: str | None,
+    instance_vast_id: int | None,
+    detail: str,
+) -> None:
+    """Remember that ``machine_id`` failed an instance, so rentals skip it."""
+    with store.sessions.write() as session:
+        session.add(
+            FailedMachine(
+                account=account,
+                machine_id=machine_id,
+                at=store.clock(),
+                run_id=run_id,
+                instance_vast_id=instance_vast_id,
+                detail=detail[:2000],
+            )
+        )
+
+
+@dataclass(frozen=True)
+class FailedMachineRecord:
+    """The latest failure of one avoided machine."""
+
+    machine_id: int
+    account: str
+    at: float
+    failures: int
+    instance_vast_id: int | None
+    detail: str
+
+
+def avoided_machines(
+    store: Store, account: str | None, *, within: float = MACHINE_MEMORY_SECONDS
+) -> list[FailedMachineRecord]:
+    """Return the machines that failed within the last ``within`` seconds,
+    latest failure first; every account's when ``account`` is None."""
+    since = store.clock() - within
+    statement = select(FailedMachine).where(FailedMachine.at >= since)
+    if account is not None:
+        statement = statement.where(FailedMachine.account == account)
+    latest: dict[tuple[str, int], FailedMachineRecord] = {}
+    with store.sessions.read() as session:
+        for row in session.scalars(statement.order_by(FailedMachine.at)):
+            key = (row.account, row.machine_id)
+            before = latest.get(key)
+            latest[key] = FailedMachineRecord(
+                machine_id=row.machine_id,
+                account=row.account,
+                at=row.at,
+                failures=1 if before is None else before.failures + 1,
+                instance_vast_id=row.instance_vast_id,
+                detail=row.detail,
+            )
+    return sorted(latest.values(), key=lambda r: r.at, reverse=True)
+
+
+def failed_machines(
+    store: Store, account: str, *, within: float = MACHINE_MEMORY_SECONDS
+) -> dict[int, str]:
+    """Return {machine id: detail of its latest failure} for the last ``within`` s."""
+    return {
+        r.machine_id: r.detail for r in avoided_machines(store, account, within=within)
+    }
+
+
+def forget_failed_machines(
+    store: Store, account: str | None, machine_ids: Iterable[int] | None = None
+) -> int:
+    """Delete the failure rows of ``machine_ids`` (all when None); return how many."""
+    statement = delete(FailedMachine)
+    if account is not None:
+        statement = statement.where(FailedMachine.account == account)
+    if machine_ids is not None:
+        statement = statement.where(FailedMachine.machine_id.in_(list(machine_ids)))
+    with store.sessions.write() as session:
+        return session.execute(statement).rowcount or 0
