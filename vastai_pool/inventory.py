@@ -444,6 +444,10 @@ def list_pool(
     remote = refresh.remote if refresh else {}
     entries = []
     for record in records:
+        if record.vast_id is None and record.state is InstanceState.DESTROYED:
+            # A create that rented nothing (the offer was taken or refused)
+            # leaves a row but never was an instance.
+            continue
         listed = remote.get(record.vast_id) if record.vast_id is not None else None
         entries.append(
             PoolEntry(
