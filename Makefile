@@ -12,11 +12,12 @@ DEMO_DIR := .demo
 DEMO_FLAGS ?=
 LINT_PATHS := snakemake_executor_plugin_vastai vastai_pool tests benchmarks examples
 
-.PHONY: help install demo test lint format bench clean distclean
+.PHONY: help install demo test test-openssh lint format bench clean distclean
 
 help:
 	@echo "make demo       run the digits example on a local sandbox pool (1 to 2 minutes)"
 	@echo "make test       ruff check, ruff format --check, then the test suite"
+	@echo "make test-openssh  the end-to-end tests with OpenSSH sandbox hosts (root)"
 	@echo "make lint       ruff check and ruff format --check only"
 	@echo "make format     reformat the code with ruff"
 	@echo "make bench      run the benchmarks in benchmarks/"
@@ -55,6 +56,21 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+	$(MAKE) test-openssh
+
+# End-to-end tests again, with every sandbox instance served by the system's
+# OpenSSH sshd (VASTAI_SANDBOX_HOSTS=openssh), which needs root and
+# openssh-server; skipped with a message otherwise.
+OPENSSH_TESTS := tests/test_pool.py tests/test_signals.py \
+	tests/test_example.py::test_pool_run_matches_local_run \
+	tests/test_snakemake_suite.py::TestWorkflows::test_simple_workflow
+
+test-openssh: $(STAMP)
+	@if [ "$$(id -u)" != 0 ] || [ ! -x /usr/sbin/sshd ]; then \
+		echo "test-openssh: skipped, it needs root and /usr/sbin/sshd (openssh-server)"; \
+	else \
+		VASTAI_SANDBOX_HOSTS=openssh $(BIN)/pytest $(OPENSSH_TESTS); \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_walltime.py

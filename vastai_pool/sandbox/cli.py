@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from vastai_pool.sandbox.fault_script import FaultScriptError
+from vastai_pool.sandbox.hosts import HOST_BACKENDS, HOSTS_VARIABLE, HostBackendError
 from vastai_pool.sandbox.service import Sandbox
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help='JSON fault script to replay: {"seed": N, "rules": [...]} '
         "(default: no faults)",
     )
+    serve.add_argument(
+        "--hosts",
+        choices=HOST_BACKENDS,
+        default=None,
+        help="SSH server of each instance: paramiko (in-process) or "
+        "openssh (the system's sshd with the instance's home mounted over /root; "
+        f"needs root) (default: ${HOSTS_VARIABLE}, else paramiko)",
+    )
     serve.set_defaults(func=serve_command)
 
 
@@ -93,11 +102,17 @@ def serve_command(args: argparse.Namespace) -> int:
             boot_seconds=args.boot_seconds,
             state_dir=args.state_dir,
             faults=faults,
+            hosts=getattr(args, "hosts", None),
         )
     except FaultScriptError as error:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         sys.stderr.write(f"error: invalid --faults {faults}: {error}\n")
+        return 2
+    except HostBackendError as error:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sys.stderr.write(f"error: {error}\n")
         return 2
     if faults is not None:
         logger.info("sandbox: replaying the fault script %s", faults)

@@ -30,9 +30,10 @@ from typing import Any
 
 from vastai_pool.sandbox.catalog import SMI_NAMES
 from vastai_pool.sandbox.faults import FaultHooks
+from vastai_pool.sandbox.hosts import PARAMIKO, SshHost, create_host
 from vastai_pool.sandbox.nvidia_smi import write_nvidia_smi
 from vastai_pool.sandbox.processes import ProcessGroup
-from vastai_pool.sandbox.sshd import SHELL, HostConfig, InstanceSshHost
+from vastai_pool.sandbox.sshd import SHELL, HostConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Instance:
         authorized_keys: list[str],
         faults: FaultHooks,
         now: float,
+        hosts: str = PARAMIKO,
     ) -> None:
         self.id = instance_id
         self.offer = offer
@@ -121,7 +123,9 @@ class Instance:
         self.processes = ProcessGroup(self.token)
         self._prepare_directory(authorized_keys)
 
-        self.ssh = InstanceSshHost(
+        # ``hosts`` names the SSH server backend (see ``hosts.HOST_BACKENDS``).
+        self.ssh: SshHost = create_host(
+            hosts,
             HostConfig(
                 instance_id=instance_id,
                 home=self.home,
@@ -129,7 +133,8 @@ class Instance:
                 session_env=self.session_env,
                 is_online=self.accepts_ssh,
                 accept_connection=faults.accept_ssh,
-            )
+            ),
+            work_dir=root_dir / "sshd",
         )
         self.ssh.start()
         self._log(f"sandbox: instance {instance_id} created from offer {offer['id']}")

@@ -21,6 +21,7 @@ from typing import Any
 
 from vastai_pool.sandbox.catalog import build_catalog
 from vastai_pool.sandbox.faults import FaultHooks
+from vastai_pool.sandbox.hosts import PARAMIKO
 from vastai_pool.sandbox.instance import Instance, LaunchSpec
 from vastai_pool.sandbox.offer_query import (
     OPERATORS,
@@ -72,9 +73,13 @@ class LogResult:
 class Market:
     """Offers, instances, account keys and the ledger of one sandbox."""
 
-    def __init__(self, *, state_dir: Path, boot_seconds: float) -> None:
+    def __init__(
+        self, *, state_dir: Path, boot_seconds: float, hosts: str = PARAMIKO
+    ) -> None:
         self.state_dir = state_dir
         self.boot_seconds = boot_seconds
+        # The SSH server backend of new instances (see ``hosts.HOST_BACKENDS``).
+        self.hosts = hosts
         self.faults = FaultHooks()
         self.base_url = ""
         self._lock = threading.RLock()
@@ -140,6 +145,7 @@ class Market:
                 authorized_keys=keys,
                 faults=self.faults,
                 now=time.time(),
+                hosts=self.hosts,
             )
         except Exception:
             with self._lock:

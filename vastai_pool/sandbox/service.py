@@ -12,8 +12,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vastai_pool.sandbox.fault_script import FaultedMarket, ScriptedFaults, load_script
+from vastai_pool.sandbox.fault_script import (
+    SFTP_DURING,
+    FaultedMarket,
+    FaultScriptError,
+    ScriptedFaults,
+    load_script,
+)
 from vastai_pool.sandbox.faults import FaultHooks
+from vastai_pool.sandbox.hosts import OPENSSH, resolve_hosts
 from vastai_pool.sandbox.http_api import SandboxHttpServer
 from vastai_pool.sandbox.sftp import set_transfer_hook
 
@@ -31,7 +38,12 @@ class Sandbox:
     ``boot_seconds``; their home directories live under ``state_dir``
     (a temporary directory, removed on ``stop``, when none is given).
     ``faults`` is a fault script (a dict, a list of rules or a JSON file
-    path, see ``fault_script``) or a ``FaultHooks`` to install.
+    path, see ``fault_script``) or a ``FaultHooks`` to install. ``hosts``
+    picks the instances' SSH server: ``"paramiko"`` (in-process) or
+    ``"openssh"`` (the system's sshd, one per instance with its home
+    mounted over ``/root``; needs root); None reads ``$VASTAI_SANDBOX_HOSTS``
+    and defaults to paramiko. An invalid or unusable choice raises
+    ``HostBackendError``.
     """
 
     def __init__(
@@ -42,6 +54,7 @@ class Sandbox:
         boot_seconds: float = 1.0,
         state_dir: Path | None = None,
         faults: FaultHooks | str | Path | dict[str, Any] | list[Any] | None = None,
+        hosts: str | None = None,
     ) -> None:
         if boot_seconds < 0:
             raise ValueError(f"boot_seconds must be >= 0, got {boot_seconds}")
@@ -51,8 +64,16 @@ class Sandbox:
         if state_dir is None:
             state_dir = Path(tempfile.mkdtemp(prefix="vastai-sandbox-"))
         self.state_dir = Path(state_dir)
+        try:
+            self.hosts = resolve_hosts(hosts, state_dir=self.state_dir)
+        except ValueError:
+            if self._owns_state_dir:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            raise
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.market = FaultedMarket(state_dir=self.state_dir, boot_seconds=boot_seconds)
+        self.market = FaultedMarket(
+            state_dir=self.state_dir, boot_seconds=boot_seconds, hosts=self.hosts
+        )
         self._server: SandboxHttpServer | None = None
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
@@ -80,6 +101,8 @@ class Sandbox:
 
     @faults.setter
     def faults(self, hooks: FaultHooks) -> None:
+        if self.hosts == OPENSSH and isinstance(hooks, ScriptedFaults):
+            _reject_sftp_drops(hooks)
         # Instances keep the hooks they were created with.
         self.market.faults = hooks
         if isinstance(hooks, ScriptedFaults):
@@ -167,3 +190,17 @@ class Sandbox:
     def catalog(self) -> list[dict[str, Any]]:
         """Return every offer of the catalog, before storage pricing."""
         return self.market.catalog()
+
+
+def _reject_sftp_drops(hooks: ScriptedFaults) -> None:
+    # The hook of `"during": "sftp"` runs inside paramiko's SFTP server, at
+    # a file read or write; OpenSSH's sftp-server has no such hook point.
+    for rule in hooks.rules:
+        if rule.kind == "ssh_drop" and rule.during == SFTP_DURING:
+            raise FaultScriptError(
+                f'fault rule {rule.index}: ssh_drop with "during": "sftp" needs the '
+                "paramiko host backend; the openssh backend cannot drop a "
+                "connection in the middle of a transfer. Remove the rule, drop "
+                'its "during" (to drop after "after_seconds"), or use '
+                "hosts='paramiko'."
+            )
