@@ -211,6 +211,8 @@ class Pool:
         self._renting = 0
         self._connections: dict[int, Connection] = {}
         self._failed_machines: set[int] = set()
+        # Guards ``_failed_machines`` against the rentals of the run's jobs.
+        self._machine_lock = threading.Lock()
         # API state of each instance when its SSH connection last dropped.
         self._host_states: dict[int, str] = {}
         self._market: dict[Requirements, NoMatchingOffer | None] = {}
@@ -776,12 +778,14 @@ class Pool:
             status_board=self._status_board,
             packages=self.config.packages,
             machine_failed=self._remember_machine,
+            machine_lock=self._machine_lock,
         )
 
     def _remember_machine(self, machine_id: int, vast_id: int | None, why: str) -> None:
         """Avoid a machine for the rest of this run and, through the
         database, in later runs."""
-        self._failed_machines.add(machine_id)
+        with self._machine_lock:
+            self._failed_machines.add(machine_id)
         db.record_failed_machine(
             self.store,
             account=self.account,

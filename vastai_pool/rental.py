@@ -10,9 +10,10 @@ import dataclasses
 import importlib.metadata
 import logging
 import shlex
+import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vastai_pool import store as db
@@ -104,6 +105,8 @@ class RentalContext:
     # Called with (machine id, instance id, what failed) when a machine is to
     # blame for a failed boot, to remember it beyond this run.
     machine_failed: Callable[[int, int, str], None] | None = None
+    # Guards the run's set of failed machines; shared by the run's rentals.
+    machine_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class RentalCancelled(PoolError):
@@ -112,6 +115,10 @@ class RentalCancelled(PoolError):
 
 class _OfferMissed(Exception):
     """An offer could not be rented (taken or refused), but another may be."""
+
+
+class _MachineFailed(Exception):
+    """The offer's machine failed another boot after the offer was picked."""
 
 
 @dataclass
@@ -216,12 +223,12 @@ def rent(
             _check_stop(ctx, f"before renting offer {offer.id}")
             if ctx.admit is not None:
                 ctx.admit(offer)
-            if offer.machine_id in failed_machines:
-                # Another job's boot failed on it meanwhile.
-                continue
             tried.add(offer.id)
             try:
-                record = _create(ctx, requirements, offer)
+                record = _create(ctx, requirements, offer, failed_machines)
+            except _MachineFailed:
+                # Another job's boot failed on this machine meanwhile.
+                continue
             except _OfferMissed as miss:
                 last_miss = str(miss)
                 misses += 1
@@ -229,9 +236,8 @@ def rent(
                     break
                 continue
             try:
-                connection = boot(ctx, record, offer)
+                connection = boot(ctx, record, offer, failed_machines=failed_machines)
             except BootFailed as exc:
-                _remember_failure(ctx, offer, exc, failed_machines)
                 if not exc.machine_fault:
                     # A package that does not install, for example, would
                     # most likely fail the same way on another machine.
@@ -277,7 +283,8 @@ def _remember_failure(
     """Avoid the offer's machine for the rest of the run, and later if to blame."""
     if offer.machine_id is None:
         return
-    failed_machines.add(offer.machine_id)
+    with ctx.machine_lock:
+        failed_machines.add(offer.machine_id)
     if exc.machine_fault and ctx.machine_failed is not None:
         try:
             ctx.machine_failed(offer.machine_id, exc.instance_id, str(exc))
@@ -300,25 +307,33 @@ def _check_stop(ctx: RentalContext, when: str) -> None:
 
 
 def _create(
-    ctx: RentalContext, requirements: Requirements, offer: Offer
+    ctx: RentalContext,
+    requirements: Requirements,
+    offer: Offer,
+    failed_machines: set[int],
 ) -> InstanceRecord:
     """Record and create one rental; raise ``_OfferMissed`` when another
-    offer may still be rented."""
+    offer may still be rented, ``_MachineFailed`` when its machine failed."""
     label = ctx.next_label()
     # The instance is allocated the job's disk, not the offer's free space.
     hardware = dataclasses.replace(offer.hardware, disk_gb=requirements.disk_gb)
-    pk = db.record_rental(
-        ctx.store,
-        run_id=ctx.run_id,
-        account=ctx.account,
-        label=label,
-        offer_id=offer.id,
-        machine_id=offer.machine_id,
-        image=requirements.image,
-        extra_query=requirements.extra_query,
-        hardware=hardware,
-        keep=ctx.keep,
-    )
+    # Checked and recorded under the lock that guards ``failed_machines``, so
+    # no rental of a machine is recorded after one of its boots failed.
+    with ctx.machine_lock:
+        if offer.machine_id in failed_machines:
+            raise _MachineFailed
+        pk = db.record_rental(
+            ctx.store,
+            run_id=ctx.run_id,
+            account=ctx.account,
+            label=label,
+            offer_id=offer.id,
+            machine_id=offer.machine_id,
+            image=requirements.image,
+            extra_query=requirements.extra_query,
+            hardware=hardware,
+            keep=ctx.keep,
+        )
     try:
         vast_id = ctx.api.create_instance(
             offer.id,
@@ -455,11 +470,18 @@ def _reconcile_by_label(ctx: RentalContext, pk: int, label: str, why: str) -> No
     )
 
 
-def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection:
+def boot(
+    ctx: RentalContext,
+    record: InstanceRecord,
+    offer: Offer,
+    *,
+    failed_machines: set[int] | None = None,
+) -> Connection:
     """Wait for a created instance to run, connect and prepare it.
 
     Any failure destroys the instance and raises ``BootFailed`` naming the
-    instance, the offer and what happened.
+    instance, the offer and what happened; the machine goes into
+    ``failed_machines`` first.
     """
     assert record.vast_id is not None
     vast_id = record.vast_id
@@ -511,13 +533,24 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
     except BaseException as exc:
         if connection is not None:
             connection.close()
-        if isinstance(exc, (BootFailed, RentalCancelled)):
+        failure: BootFailed | None = None
+        if isinstance(exc, BootFailed):
+            why = str(exc)
+            failure = exc
+        elif isinstance(exc, RentalCancelled):
             why = str(exc)
         elif isinstance(exc, PoolError):
             why = f"boot of instance {vast_id} (offer {offer.id}) failed: {exc}"
+            # The machine is not to blame for an API error or a dropped
+            # SSH command.
+            failure = BootFailed(why, instance_id=vast_id, machine_fault=False)
         else:
             why = f"boot of instance {vast_id} interrupted: {type(exc).__name__}"
         logger.warning("%s; destroying it", why)
+        if failure is not None and failed_machines is not None:
+            # Before the destroy, so that no rental starts on the machine
+            # once its instance is recorded as failed.
+            _remember_failure(ctx, offer, failure, failed_machines)
         destroy(
             ctx.api,
             ctx.store,
@@ -525,12 +558,8 @@ def boot(ctx: RentalContext, record: InstanceRecord, offer: Offer) -> Connection
             reason=DestroyReason.BOOT_FAILED,
             why=why,
         )
-        if isinstance(exc, PoolError) and not isinstance(
-            exc, (BootFailed, RentalCancelled)
-        ):
-            # The machine is not to blame for an API error or a dropped
-            # SSH command.
-            raise BootFailed(why, instance_id=vast_id, machine_fault=False) from exc
+        if failure is not None and failure is not exc:
+            raise failure from exc
         raise
 
 
