@@ -266,6 +266,45 @@ def test_reconnect_after_server_drops_connection(
     assert connection.host_key == first_key
 
 
+def test_drop_observer_stops_reconnecting_to_a_dead_host(
+    connection: Connection, sshd_host: SshdHost, remote_dir: str
+) -> None:
+    (sshd_host.home / remote_dir).mkdir()
+    calls: list[str] = []
+
+    def host_is_gone() -> str:
+        calls.append("dropped")
+        return "the API no longer lists the host"
+
+    connection.drop_observer = host_is_gone
+    with pytest.raises(SshError):
+        connection.run(
+            "kill -TERM $PPID; while echo x; do sleep 0.1; done", timeout=POLL_TIMEOUT
+        )
+
+    with pytest.raises(SshError) as caught:
+        connection.exists(remote_dir)
+
+    assert "the API no longer lists the host" in str(caught.value)
+    assert "not reopened" in str(caught.value)
+    assert calls == ["dropped"]
+
+
+def test_drop_observer_returning_none_lets_it_reconnect(
+    connection: Connection, sshd_host: SshdHost, remote_dir: str
+) -> None:
+    (sshd_host.home / remote_dir).mkdir()
+    calls: list[str] = []
+    connection.drop_observer = lambda: calls.append("dropped") or None
+    with pytest.raises(SshError):
+        connection.run(
+            "kill -TERM $PPID; while echo x; do sleep 0.1; done", timeout=POLL_TIMEOUT
+        )
+
+    assert connection.exists(remote_dir)
+    assert calls == ["dropped"]
+
+
 def test_reconnect_after_client_closes_transport(
     connection: Connection, sshd_host: SshdHost, remote_dir: str
 ) -> None:

@@ -967,10 +967,12 @@ class Pool:
         connection.drop_observer = lambda: self._observe_host(pk)
         self._connections[pk] = connection
 
-    def _observe_host(self, pk: int) -> None:
+    def _observe_host(self, pk: int) -> str | None:
+        """Note the API's state of an instance whose connection dropped;
+        return why reconnecting is pointless, or None to reconnect."""
         record = db.get_instance(self.store, pk)
         if record.vast_id is None:
-            return
+            return None
         remote = self.api.show_instance(record.vast_id)
         state = "gone" if remote is None else remote.status.value
         with self._jobs_lock:
@@ -978,6 +980,11 @@ class Pool:
             # often removed from the list soon after.
             if self._host_states.get(pk) in (None, VastStatus.RUNNING.value):
                 self._host_states[pk] = state
+        if state == "gone":
+            return "Vast.ai no longer lists the instance"
+        if state in _HOST_DOWN_STATES:
+            return f"Vast.ai reports its host {state}"
+        return None
 
     # Running ----------------------------------------------------------------
 

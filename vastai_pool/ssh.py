@@ -136,9 +136,11 @@ class Connection:
         # Set once the server rejects posix-rename@openssh.com.
         self._plain_rename = False
         # Called (without arguments, errors ignored) when an established
-        # connection is found dropped, before reconnecting: the pool asks
-        # the API about the host while its state is fresh.
-        self.drop_observer: Callable[[], None] | None = None
+        # connection is found dropped, before reconnecting, so the pool can
+        # ask the API about the host while its state is fresh. A returned
+        # text (such as "Vast.ai reports its host offline") stops the
+        # reconnecting: the call raises SshError with it instead.
+        self.drop_observer: Callable[[], str | None] | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -270,7 +272,12 @@ class Connection:
                     logger.warning(
                         "SSH connection to %s dropped; reconnecting", self._endpoint
                     )
-                    self._notify_drop()
+                    gone = self._notify_drop()
+                    if gone:
+                        raise SshError(
+                            f"SSH connection to {self._endpoint} dropped and "
+                            f"{gone}, so it was not reopened"
+                        )
                 if self._host_key is None:
                     # Never connected: ``connect`` sets its own attempts.
                     self._transport = self._open_transport(1, 0.0)
@@ -280,16 +287,17 @@ class Connection:
                     )
             return self._transport
 
-    def _notify_drop(self) -> None:
+    def _notify_drop(self) -> str | None:
         observer = self.drop_observer
         if observer is None:
-            return
+            return None
         try:
-            observer()
+            return observer()
         except Exception:
             logger.debug(
                 "the drop observer of %s failed", self._endpoint, exc_info=True
             )
+            return None
 
     def _discard(self, transport: paramiko.Transport) -> None:
         """Close ``transport`` unless another thread already replaced it."""
@@ -327,8 +335,13 @@ class Connection:
                     action,
                     _describe_error(exc),
                 )
-                self._notify_drop()
+                gone = self._notify_drop()
                 self._discard(transport)
+                if gone:
+                    raise SshError(
+                        f"{action} on {self._endpoint} failed: the connection "
+                        f"dropped and {gone}, so it was not reopened"
+                    ) from exc
         raise AssertionError("unreachable")
 
     @contextmanager
