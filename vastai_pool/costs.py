@@ -29,7 +29,13 @@ from sqlalchemy import select
 
 from vastai_pool.errors import PoolError
 from vastai_pool.models import Event, Instance, InstanceState, Lease
-from vastai_pool.store import InstanceRecord, Store, default_db_path, list_runs
+from vastai_pool.store import (
+    InstanceRecord,
+    Store,
+    count_jobs,
+    default_db_path,
+    list_runs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +212,8 @@ class RunCosts:
 class _LeaseSpan:
     instance_pk: int
     rule: str
+    # (rule, job id, attempt): several leases of one job share it.
+    job: tuple[str, int, int]
     warm: bool
     started_at: float
     ended_at: float | None
@@ -252,7 +260,7 @@ def run_costs(store: Store, run_id: str, *, now: float | None = None) -> RunCost
     total_hours = sum(cost.hours for cost in instance_costs)
     total_usd = sum(cost.usd for cost in instance_costs)
     rule_usd = sum(rule.usd for rule in rules)
-    warm_jobs = sum(1 for lease in leases if lease.warm)
+    jobs, warm_jobs = count_jobs((lease.job, lease.warm) for lease in leases)
     mean_boot = _mean_boot(instance_costs)
     return RunCosts(
         run_id=run_id,
@@ -263,7 +271,7 @@ def run_costs(store: Store, run_id: str, *, now: float | None = None) -> RunCost
             for cost in instance_costs
             if cost.rented_by_run and cost.vast_id is not None
         ),
-        jobs=len(leases),
+        jobs=jobs,
         warm_jobs=warm_jobs,
         busy_hours=busy_hours,
         idle_hours=max(0.0, total_hours - busy_hours),
@@ -375,6 +383,7 @@ def _run_leases(store: Store, run_id: str) -> list[_LeaseSpan]:
             _LeaseSpan(
                 instance_pk=lease.instance_pk,
                 rule=lease.rule,
+                job=(lease.rule, lease.job_id, lease.attempt),
                 warm=lease.warm,
                 started_at=lease.started_at,
                 ended_at=lease.ended_at,
@@ -437,17 +446,20 @@ def _instance_cost(
 def _rule_costs(
     leases: Iterable[_LeaseSpan], rows: Mapping[int, _InstanceRow], now: float
 ) -> list[RuleCost]:
-    totals: dict[str, tuple[int, float, float]] = {}
+    totals: dict[str, tuple[float, float]] = {}
+    jobs: dict[str, set[tuple[str, int, int]]] = {}
     for lease in leases:
         row = rows.get(lease.instance_pk)
         if row is None:
             continue
         hours, usd = _lease_cost(lease, row.pricing, now)
-        jobs, rule_hours, rule_usd = totals.get(lease.rule, (0, 0.0, 0.0))
-        totals[lease.rule] = (jobs + 1, rule_hours + hours, rule_usd + usd)
+        rule_hours, rule_usd = totals.get(lease.rule, (0.0, 0.0))
+        totals[lease.rule] = (rule_hours + hours, rule_usd + usd)
+        # A job placed again after a lost instance is one job.
+        jobs.setdefault(lease.rule, set()).add(lease.job)
     return [
-        RuleCost(rule=rule, jobs=jobs, busy_hours=hours, usd=usd)
-        for rule, (jobs, hours, usd) in sorted(totals.items())
+        RuleCost(rule=rule, jobs=len(jobs[rule]), busy_hours=hours, usd=usd)
+        for rule, (hours, usd) in sorted(totals.items())
     ]
 
 

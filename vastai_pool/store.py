@@ -867,21 +867,36 @@ def run_leases(store: Store, run_id: str) -> list[Lease]:
         return list(session.scalars(statement))
 
 
+def count_jobs(leases: Iterable[tuple[tuple[str, int, int], bool]]) -> tuple[int, int]:
+    """Return (jobs, warm jobs) from ((rule, job id, attempt), warm) per lease.
+
+    Leases come oldest first. A job placed again after its instance was lost
+    before it started has several leases; it counts once, as warm when its
+    last lease was.
+    """
+    last: dict[tuple[str, int, int], bool] = {}
+    for key, warm in leases:
+        last[key] = warm
+    return len(last), sum(last.values())
+
+
 def run_summary_counts(store: Store, run_id: str) -> dict[str, int]:
     """Return {"instances_rented", "jobs", "warm_jobs", "instances_alive"}."""
     rented = select(func.count(Event.id)).where(
         Event.run_id == run_id, Event.kind == InstanceState.RENTING.value
     )
-    jobs = select(func.count(Lease.id)).where(Lease.run_id == run_id)
-    warm_jobs = jobs.where(Lease.warm.is_(True))
     alive = select(func.count(Instance.pk)).where(
         Instance.run_id == run_id, Instance.state.in_(sorted(ALIVE_STATES))
+    )
+    jobs, warm_jobs = count_jobs(
+        ((lease.rule, lease.job_id, lease.attempt), lease.warm)
+        for lease in run_leases(store, run_id)
     )
     with store.sessions.read() as session:
         return {
             "instances_rented": session.scalar(rented) or 0,
-            "jobs": session.scalar(jobs) or 0,
-            "warm_jobs": session.scalar(warm_jobs) or 0,
+            "jobs": jobs,
+            "warm_jobs": warm_jobs,
             "instances_alive": session.scalar(alive) or 0,
         }
 
