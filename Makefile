@@ -54,8 +54,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format $(LINT_PATHS)
 
+# Most tests wait on subprocesses, SSH and the sandbox's clocks rather than
+# the CPU, so two workers cut the wall time by about a third on two cores.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 	$(MAKE) test-openssh
 
 # End-to-end tests again, with every sandbox instance served by the system's
@@ -69,13 +73,14 @@ test-openssh: $(STAMP)
 	@if [ "$$(id -u)" != 0 ] || [ ! -x /usr/sbin/sshd ]; then \
 		echo "test-openssh: skipped, it needs root and /usr/sbin/sshd (openssh-server)"; \
 	else \
-		VASTAI_SANDBOX_HOSTS=openssh $(BIN)/pytest $(OPENSSH_TESTS); \
+		VASTAI_SANDBOX_HOSTS=openssh $(BIN)/pytest -n $(TEST_WORKERS) $(OPENSSH_TESTS); \
 	fi
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/demo_walltime.py
 	$(BIN)/python benchmarks/warm_overhead.py
 	$(BIN)/python benchmarks/run_job_overhead.py
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
