@@ -67,7 +67,9 @@ test: lint
 # openssh-server; skipped with a message otherwise.
 OPENSSH_TESTS := tests/test_pool.py tests/test_signals.py \
 	tests/test_example.py::test_pool_run_matches_local_run \
-	tests/test_snakemake_suite.py::TestWorkflows::test_simple_workflow
+	tests/test_snakemake_suite.py::TestWorkflows::test_simple_workflow \
+	tests/test_faults.py::test_offline_host_job_retried_elsewhere \
+	tests/test_faults.py::test_destroyed_busy_instance_job_retried
 
 test-openssh: $(STAMP)
 	@if [ "$$(id -u)" != 0 ] || [ ! -x /usr/sbin/sshd ]; then \

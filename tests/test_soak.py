@@ -1,4 +1,4 @@
-"""A short soak: 30 jobs of real Snakemake through a sandbox that injects
+"""A short soak: 40 jobs of real Snakemake through a sandbox that injects
 every fault kind at about 10 % of the operations it can hit."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.fault_helpers import (
 )
 from vastai_pool.sandbox import Sandbox
 
-JOBS = 30
+JOBS = 40
 PARALLEL = 8
 SEED = 4
 
