@@ -590,3 +590,41 @@ def test_second_workdir_gets_its_own_inputs(
     assert second.state is JobState.SUCCEEDED, second.message
     assert second.instance_id == first.instance_id
     assert (other / "copy.txt").read_text() == "same content\n"
+
+
+def test_parallel_rentals_pick_different_offers(make_pool, market) -> None:
+    # Twelve jobs rent at once from the same search results; each must
+    # create on an offer no other job of the run is renting.
+    pool = make_pool()
+    handles = [pool.submit(job(i, "sleep 1")) for i in range(12)]
+    statuses = [finish(pool, h) for h in handles]
+
+    assert all(s.state is JobState.SUCCEEDED for s in statuses), statuses
+    rows = db.list_instances(pool.store, include_destroyed=True)
+    taken = [r for r in rows if r.destroy_reason == DestroyReason.RENT_FAILED]
+    assert taken == []
+    assert len({s.instance_id for s in statuses}) == 12
+
+
+def test_wrong_image_fails_fast_and_blames_no_machine(make_pool, market) -> None:
+    from vastai_pool.sandbox import BootFault, FaultHooks
+
+    class NoSuchImage(FaultHooks):
+        def boot_fault(self, instance_id: int) -> BootFault | None:
+            return BootFault(
+                "loading", "manifest for bad:tag not found: manifest unknown"
+            )
+
+    market.faults = NoSuchImage()
+    pool = make_pool()
+    first = run(pool, job(1, "true"))
+    second = run(pool, job(2, "true"))
+
+    assert first.state is JobState.FAILED
+    assert "check --vastai-image" in first.message
+    # Two machines show the image is at fault; the second job rents nothing.
+    assert rented_count(market) == 2
+    assert second.state is JobState.FAILED
+    assert "no instance was rented" in second.message
+    assert alive_ids(market) == set()
+    assert db.failed_machines(pool.store, pool.account) == {}

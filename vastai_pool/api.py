@@ -529,10 +529,14 @@ class VastApi:
                 # one more try only.
                 attempts = backoff.attempts if exc.status is not None else 2
                 if attempt >= attempts or elapsed + pause > backoff.total:
+                    cause = (
+                        "the API is rate limiting or unavailable"
+                        if exc.status is not None
+                        else "the API did not answer"
+                    )
                     raise ApiError(
                         f"{exc} (gave up after {attempt} attempts in "
-                        f"{elapsed:.1f} s; the API is rate limiting or "
-                        "unavailable, try again in a minute)",
+                        f"{elapsed:.1f} s; {cause}, try again in a minute)",
                         status=exc.status,
                         error_code=exc.error_code,
                     ) from exc
@@ -614,7 +618,7 @@ class VastApi:
             if exc.error_code == "no_such_instance" or (
                 exc.status == 404 and exc.error_code is None
             ):
-                logger.info("instance %d was already destroyed", instance_id)
+                logger.debug("instance %d was already gone from the API", instance_id)
                 return False
             raise
         return True

@@ -269,7 +269,10 @@ def run_machines(args: argparse.Namespace) -> int:
                 store, account, args.forget or None
             )
             which = ", ".join(map(str, args.forget)) if args.forget else "every machine"
-            _out(f"forgot {forgotten} recorded failure(s) of {which}")
+            if forgotten == 0:
+                _out(f"no recorded failure of {which}; nothing was avoided")
+            else:
+                _out(f"forgot {forgotten} recorded failure(s) of {which}")
             return 0
         rows = pool_store.avoided_machines(store, account)
     if args.json:

@@ -64,6 +64,9 @@ class BootFailed(PoolError):
         super().__init__(message)
         self.instance_id = instance_id
         self.machine_fault = machine_fault
+        # The fatal status message when it may mean a wrong image
+        # ("manifest unknown", "unauthorized"), else None.
+        self.image_message: str | None = None
 
 
 class SshError(PoolError):

@@ -38,6 +38,8 @@ from vastai_pool.remote import (
     remote_work_dir,
 )
 from vastai_pool.rental import (
+    MarketBusy,
+    OfferClaims,
     RentalCancelled,
     RentalContext,
     destroy,
@@ -213,6 +215,8 @@ class Pool:
         self._failed_machines: set[int] = set()
         # Guards ``_failed_machines`` against the rentals of the run's jobs.
         self._machine_lock = threading.Lock()
+        self._claims = OfferClaims()
+        self._image_failures: dict[str, set[int]] = {}
         # API state of each instance when its SSH connection last dropped.
         self._host_states: dict[int, str] = {}
         self._market: dict[Requirements, NoMatchingOffer | None] = {}
@@ -269,7 +273,7 @@ class Pool:
         if remembered:
             self._failed_machines.update(remembered)
             logger.info(
-                "avoiding %d machines that failed in the last %.0f h: %s",
+                "avoiding %d machine(s) that failed in the last %.0f h: %s",
                 len(remembered),
                 db.MACHINE_MEMORY_SECONDS / 3600,
                 ", ".join(str(m) for m in sorted(remembered)),
@@ -779,7 +783,17 @@ class Pool:
             packages=self.config.packages,
             machine_failed=self._remember_machine,
             machine_lock=self._machine_lock,
+            claims=self._claims,
+            image_failures=self._image_failures,
+            image_cleared=self._clear_machines,
         )
+
+    def _clear_machines(self, machine_ids: list[int]) -> None:
+        """Stop avoiding machines that were blamed for a wrong image."""
+        removed = db.forget_failed_machines(
+            self.store, self.account, machine_ids, run_id=self.run_id
+        )
+        logger.debug("forgot %d failures of machines %s", removed, machine_ids)
 
     def _remember_machine(self, machine_id: int, vast_id: int | None, why: str) -> None:
         """Avoid a machine for the rest of this run and, through the
@@ -896,6 +910,7 @@ class Pool:
                     record.vast_id,
                 )
                 return record, lease_id, connection, True
+            busy = False
             try:
                 try:
                     rental = rent(
@@ -909,29 +924,38 @@ class Pool:
                     ) from exc
                 except RentalCancelled as exc:
                     raise _Cancelled from exc
-                try:
-                    lease_id = db.lease_new(
-                        self.store,
-                        rental.record.pk,
-                        run_id=self.run_id,
-                        rule=spec.rule,
-                        job_id=spec.job_id,
-                        attempt=spec.attempt,
-                    )
-                except BaseException:
-                    rental.connection.close()
-                    destroy(
-                        self.api,
-                        self.store,
-                        db.get_instance(self.store, rental.record.pk),
-                        reason=DestroyReason.BOOT_FAILED,
-                        why="leasing the new instance failed",
-                    )
-                    raise
+                except MarketBusy:
+                    # The job waits for one of the instances being rented
+                    # (or any that turns idle) instead of failing.
+                    busy = True
+                else:
+                    try:
+                        lease_id = db.lease_new(
+                            self.store,
+                            rental.record.pk,
+                            run_id=self.run_id,
+                            rule=spec.rule,
+                            job_id=spec.job_id,
+                            attempt=spec.attempt,
+                        )
+                    except BaseException:
+                        rental.connection.close()
+                        destroy(
+                            self.api,
+                            self.store,
+                            db.get_instance(self.store, rental.record.pk),
+                            reason=DestroyReason.BOOT_FAILED,
+                            why="leasing the new instance failed",
+                        )
+                        raise
             finally:
                 with self._placement:
                     self._renting -= 1
                     self._placement.notify_all()
+            if busy:
+                with self._placement:
+                    self._placement.wait(timeout=self.config.poll_interval)
+                continue
             self._track(rental.record.pk, rental.connection)
             record = db.get_instance(self.store, rental.record.pk)
             self._hold_instance(job, record)
@@ -1112,6 +1136,10 @@ class Pool:
             )
         elif result.outcome == LeaseOutcome.LOST:
             explanation = self._explain_loss(record)
+            # The SSH error may already say what the API showed.
+            shown, _, consequence = explanation.partition("; ")
+            if consequence and shown in result.message:
+                explanation = consequence
             result = dataclasses.replace(
                 result,
                 message=f"{result.message}; {explanation}. The instance was "
@@ -1189,7 +1217,7 @@ class Pool:
             state = "gone" if remote is None else remote.status.value
         if state == "gone":
             return (
-                "Vast.ai no longer lists the instance, so it was destroyed "
+                "Vast.ai no longer lists the instance; it was destroyed "
                 "outside the pool or its host was removed"
             )
         if state in _HOST_DOWN_STATES and record.machine_id is not None:

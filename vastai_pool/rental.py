@@ -21,6 +21,7 @@ from vastai_pool.api import Offer, RemoteInstance, VastApi, VastStatus
 from vastai_pool.errors import (
     ApiError,
     BootFailed,
+    ConfigError,
     NoMatchingOffer,
     OfferUnavailable,
     PoolError,
@@ -55,6 +56,14 @@ FATAL_STATUSES = frozenset({VastStatus.EXITED, VastStatus.UNKNOWN, VastStatus.OF
 _CAUSE_LOGGED_BEFORE = frozenset(
     {DestroyReason.BOOT_FAILED, DestroyReason.GONE, DestroyReason.RENT_FAILED}
 )
+
+# Status messages that point at the image rather than the machine when
+# several machines report them, and how many machines make that call.
+IMAGE_FAULT_MESSAGES = ("manifest unknown", "unauthorized")
+IMAGE_FAULT_MACHINES = 2
+# Seconds an offer this process rented stays claimed, so that rentals
+# working from an older search do not try it again.
+CLAIM_AFTER_RENT_SECONDS = 60.0
 
 # Offers in a row that could not be rented (taken, or refused) before the
 # market is searched again, since the rest of that search is likely stale.
@@ -107,10 +116,55 @@ class RentalContext:
     machine_failed: Callable[[int, int, str], None] | None = None
     # Guards the run's set of failed machines; shared by the run's rentals.
     machine_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Offers the process's rentals hold; shared by the run's rentals.
+    claims: OfferClaims | None = None
+    # Machines per image that reported an image fault; shared, guarded by
+    # ``machine_lock``.
+    image_failures: dict[str, set[int]] = field(default_factory=dict)
+    # Called with machine ids that were wrongly blamed for an image fault.
+    image_cleared: Callable[[list[int]], None] | None = None
 
 
 class RentalCancelled(PoolError):
     """A rental was abandoned because its job was cancelled; nothing is left."""
+
+
+class MarketBusy(NoMatchingOffer):
+    """Every matching offer is held by other rentals of this process; the
+    job should wait for one of their instances instead of failing."""
+
+
+class OfferClaims:
+    """Offers that rentals of this process are renting or just rented.
+
+    Parallel rentals of one run see the same search results; without
+    claims they all create on the cheapest offer and all but one get
+    ``no_such_ask``. Thread-safe.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._until: dict[int, float] = {}
+
+    def claim(self, offer_id: int) -> bool:
+        """Claim an offer for one rental; return False when it is held."""
+        now = self._clock()
+        with self._lock:
+            until = self._until.get(offer_id)
+            if until is not None and until > now:
+                return False
+            self._until[offer_id] = float("inf")
+            return True
+
+    def rented(self, offer_id: int) -> None:
+        """Keep a rented offer claimed for ``CLAIM_AFTER_RENT_SECONDS``."""
+        with self._lock:
+            self._until[offer_id] = self._clock() + CLAIM_AFTER_RENT_SECONDS
+
+    def release(self, offer_id: int) -> None:
+        with self._lock:
+            self._until.pop(offer_id, None)
 
 
 class _OfferMissed(Exception):
@@ -193,15 +247,30 @@ def rent(
 
     An offer that was taken or refused is skipped for the next one, and the
     market is searched again after ``MISSES_PER_SEARCH`` of them in a row
-    (``SEARCHES`` searches in all). An instance that fails to boot is
-    destroyed, its machine is added to ``failed_machines`` (and reported to
-    ``ctx.machine_failed``), and when the machine is to blame another offer
-    is tried, up to ``BOOT_ATTEMPTS`` boots.
+    (``SEARCHES`` searches in all). Offers that other rentals of this
+    process hold (``ctx.claims``) are skipped without a try; when they are
+    all that matches, ``MarketBusy`` is raised so that the job waits. An
+    instance that fails to boot is destroyed, its machine is added to
+    ``failed_machines`` (and reported to ``ctx.machine_failed``), and when
+    the machine is to blame another offer is tried, up to ``BOOT_ATTEMPTS``
+    boots. When the image itself fails to pull on ``IMAGE_FAULT_MACHINES``
+    machines, ``BootFailed`` is raised at once and those machines are not
+    blamed.
     """
     query = requirements.offer_query()
+    with ctx.machine_lock:
+        pulled_nowhere = sorted(ctx.image_failures.get(requirements.image, ()))
+    if len(pulled_nowhere) >= IMAGE_FAULT_MACHINES:
+        raise ConfigError(
+            f"the image {requirements.image!r} failed to pull on machines "
+            f"{', '.join(map(str, pulled_nowhere))} earlier in this run, so no "
+            "instance was rented for this job: check --vastai-image (name and "
+            "tag) and the registry login"
+        )
     tried: set[int] = set()
     boot_failures: list[BootFailed] = []
     last_miss = ""
+    busy = False
     for search in range(1, SEARCHES + 1):
         offers = ctx.api.search_offers(
             query, order=requirements.order, disk_gb=requirements.disk_gb
@@ -217,24 +286,36 @@ def rent(
         if not candidates:
             break
         misses = 0
+        busy = False
         for offer in candidates:
             if offer.machine_id in failed_machines:
                 continue
             _check_stop(ctx, f"before renting offer {offer.id}")
-            if ctx.admit is not None:
-                ctx.admit(offer)
-            tried.add(offer.id)
+            if ctx.claims is not None and not ctx.claims.claim(offer.id):
+                # Another job of this process is renting it right now.
+                busy = True
+                continue
             try:
+                if ctx.admit is not None:
+                    ctx.admit(offer)
+                tried.add(offer.id)
                 record = _create(ctx, requirements, offer, failed_machines)
             except _MachineFailed:
                 # Another job's boot failed on this machine meanwhile.
+                _release(ctx, offer)
                 continue
             except _OfferMissed as miss:
-                last_miss = str(miss)
+                _release(ctx, offer)
+                last_miss = str(miss).rstrip(".")
                 misses += 1
                 if misses >= MISSES_PER_SEARCH:
                     break
                 continue
+            except BaseException:
+                _release(ctx, offer)
+                raise
+            if ctx.claims is not None:
+                ctx.claims.rented(offer.id)
             try:
                 connection = boot(ctx, record, offer, failed_machines=failed_machines)
             except BootFailed as exc:
@@ -242,6 +323,7 @@ def rent(
                     # A package that does not install, for example, would
                     # most likely fail the same way on another machine.
                     raise
+                _check_image(ctx, requirements, offer, exc, failed_machines)
                 boot_failures.append(exc)
                 if len(boot_failures) >= BOOT_ATTEMPTS:
                     raise BootFailed(
@@ -252,16 +334,23 @@ def rent(
                     ) from exc
                 continue
             return Rental(db.get_instance(ctx.store, record.pk), connection, offer)
-        logger.info(
-            "searching the market again for %r (search %d of %d): %d offers "
-            "could not be rented",
-            query,
-            search + 1,
-            SEARCHES,
-            len(tried),
-        )
+        if search < SEARCHES:
+            logger.info(
+                "searching the market again for %r (search %d of %d): %d offers "
+                "could not be rented",
+                query,
+                search + 1,
+                SEARCHES,
+                len(tried),
+            )
     if boot_failures:
         raise boot_failures[-1]
+    if busy and not tried:
+        raise MarketBusy(
+            f"every Vast.ai offer matching {query!r} is being rented by another "
+            "job of this run",
+            query=query,
+        )
     if not tried:
         avoided = " other than machines that failed before" if failed_machines else ""
         raise NoMatchingOffer(
@@ -275,6 +364,45 @@ def rent(
         "job's resources.",
         query=query,
     )
+
+
+def _release(ctx: RentalContext, offer: Offer) -> None:
+    if ctx.claims is not None:
+        ctx.claims.release(offer.id)
+
+
+def _check_image(
+    ctx: RentalContext,
+    requirements: Requirements,
+    offer: Offer,
+    exc: BootFailed,
+    failed_machines: set[int],
+) -> None:
+    """Raise ``BootFailed`` once the image failed to pull on enough machines.
+
+    "manifest unknown" and "unauthorized" on one machine may be that
+    machine's registry mirror or cache; on several, the image name, tag or
+    registry credentials are wrong, and every further rental would fail.
+    """
+    if exc.image_message is None or offer.machine_id is None:
+        return
+    with ctx.machine_lock:
+        machines = ctx.image_failures.setdefault(requirements.image, set())
+        machines.add(offer.machine_id)
+        if len(machines) < IMAGE_FAULT_MACHINES:
+            return
+        failed_machines.difference_update(machines)
+        blamed = sorted(machines)
+    if ctx.image_cleared is not None:
+        ctx.image_cleared(blamed)
+    raise BootFailed(
+        f"the image {requirements.image!r} failed to pull on machines "
+        f"{', '.join(map(str, blamed))} ({exc.image_message}), so the image "
+        "itself is wrong, not the machines: check --vastai-image (name and "
+        "tag) and the registry login",
+        instance_id=exc.instance_id,
+        machine_fault=False,
+    ) from exc
 
 
 def _remember_failure(
@@ -570,6 +698,7 @@ def wait_until_running(
     deadline = time.monotonic() + ctx.boot_timeout
     last: RemoteInstance | None = None
     seen_round = 0
+    failed_checks = 0
     while True:
         _check_stop(ctx, f"while instance {vast_id} booted")
         try:
@@ -587,7 +716,15 @@ def wait_until_running(
                 raise
             # Rate limits and server errors pass; the boot timeout still bounds
             # how long they are tolerated.
-            logger.warning("checking instance %d failed, retrying: %s", vast_id, exc)
+            # One warning per boot; the status board's own read already
+            # logged each burst.
+            logger.log(
+                logging.DEBUG if failed_checks else logging.WARNING,
+                "checking instance %d failed, retrying: %s",
+                vast_id,
+                exc,
+            )
+            failed_checks += 1
             remote = None
         if remote is not None:
             last = remote
@@ -597,12 +734,15 @@ def wait_until_running(
                 None,
             )
             if fatal is not None or remote.status in FATAL_STATUSES:
-                raise BootFailed(
+                failure = BootFailed(
                     f"instance {vast_id} (offer {offer.id}) "
                     f"failed to boot: status {remote.status.value}, "
                     f"message {message!r}",
                     instance_id=vast_id,
                 )
+                if fatal in IMAGE_FAULT_MESSAGES:
+                    failure.image_message = fatal
+                raise failure
             if remote.status is VastStatus.RUNNING and remote.ssh_host:
                 return remote
         if time.monotonic() >= deadline:

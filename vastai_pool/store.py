@@ -988,12 +988,19 @@ def failed_machines(
 
 
 def forget_failed_machines(
-    store: Store, account: str | None, machine_ids: Iterable[int] | None = None
+    store: Store,
+    account: str | None,
+    machine_ids: Iterable[int] | None = None,
+    *,
+    run_id: str | None = None,
 ) -> int:
-    """Delete the failure rows of ``machine_ids`` (all when None); return how many."""
+    """Delete the failure rows of ``machine_ids`` (all when None), of one run
+    when ``run_id`` is given; return how many."""
     statement = delete(FailedMachine)
     if account is not None:
         statement = statement.where(FailedMachine.account == account)
+    if run_id is not None:
+        statement = statement.where(FailedMachine.run_id == run_id)
     if machine_ids is not None:
         statement = statement.where(FailedMachine.machine_id.in_(list(machine_ids)))
     with store.sessions.write() as session:

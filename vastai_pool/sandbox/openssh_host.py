@@ -94,6 +94,26 @@ def openssh_unavailable_reason() -> str | None:
     for tool in ("unshare", "mount"):
         if shutil.which(tool, path=SSHD_ENV["PATH"]) is None:
             return f"{tool} is not on PATH (install util-linux)"
+    # Root without CAP_SYS_ADMIN (a container, a reduced bounding set) may
+    # not create mount namespaces; every sshd would then fail to start.
+    unshare = shutil.which("unshare", path=SSHD_ENV["PATH"])
+    try:
+        probe = subprocess.run(
+            [str(unshare), "--mount", "--propagation", "private", "true"],
+            env=SSHD_ENV,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare --mount could not run: {exc}"
+    if probe.returncode != 0:
+        return (
+            "this process may not create a mount namespace (unshare --mount: "
+            f"{probe.stderr.strip() or 'exit code ' + str(probe.returncode)}); "
+            "it needs root with CAP_SYS_ADMIN"
+        )
     return None
 
 
