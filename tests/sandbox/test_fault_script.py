@@ -367,6 +367,18 @@ def test_instance_target_spares_other_instances(
         ({"kind": "http_429", "route": "(bundles"}, "fault rule 1: route '(bundles'"),
         ({"kind": "boot_fatal", "message": "oops"}, "fault rule 1: message 'oops'"),
         ({"kind": "http_502", "count": -1}, "fault rule 1: count -1"),
+        (
+            {"kind": "http_503", "machine": 5000},
+            "fault rule 1: kind http_503 cannot be narrowed by machine",
+        ),
+        (
+            {"kind": "offer_taken", "route": "asks"},
+            "fault rule 1: kind offer_taken cannot be narrowed by route",
+        ),
+        (
+            {"kind": "host_offline", "method": "GET"},
+            "fault rule 1: kind host_offline cannot be narrowed by method",
+        ),
     ],
 )
 def test_bad_script_names_rule_and_value(rule: dict[str, Any], expected: str) -> None:

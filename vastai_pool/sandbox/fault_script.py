@@ -75,7 +75,19 @@ RATE_LIMIT_BODY = "API requests too frequent"
 SFTP_DURING = "sftp"
 
 TARGET_KEYS = ("offer", "gpu_name", "machine", "instance", "route", "method")
-COMMON_KEYS = frozenset({"kind", "rate", "count", *TARGET_KEYS})
+COMMON_KEYS = frozenset({"kind", "rate", "count"})
+# The targets each kind can match on: a create knows its offer, an
+# instance's faults know the instance and its offer, an API request knows
+# its method and path, and a destroy call knows both.
+OFFER_TARGETS = frozenset({"offer", "gpu_name", "machine"})
+INSTANCE_TARGETS = OFFER_TARGETS | {"instance"}
+REQUEST_TARGETS = frozenset({"route", "method"})
+TARGETS: dict[str, frozenset[str]] = {
+    **dict.fromkeys(CREATE_KINDS, OFFER_TARGETS),
+    **dict.fromkeys(BOOT_KINDS | RUNNING_KINDS, INSTANCE_TARGETS),
+    **dict.fromkeys(HTTP_STATUS, REQUEST_TARGETS),
+    **dict.fromkeys(DESTROY_KINDS, INSTANCE_TARGETS | REQUEST_TARGETS),
+}
 EXTRA_KEYS: dict[str, frozenset[str]] = {
     "boot_fatal": frozenset({"message"}),
     "http_429": frozenset({"burst"}),
@@ -199,9 +211,15 @@ def _parse_rule(index: int, raw: Any, seed: int) -> FaultRule:
         raise FaultScriptError(
             f"{where}: unknown kind {kind!r}; use one of {', '.join(sorted(KINDS))}"
         )
-    allowed = COMMON_KEYS | EXTRA_KEYS.get(kind, frozenset())
+    allowed = COMMON_KEYS | TARGETS[kind] | EXTRA_KEYS.get(kind, frozenset())
     unknown = set(raw) - allowed
     if unknown:
+        ignored = sorted(unknown & set(TARGET_KEYS))
+        if ignored:
+            raise FaultScriptError(
+                f"{where}: kind {kind} cannot be narrowed by {', '.join(ignored)}; "
+                f"its targets are {', '.join(sorted(TARGETS[kind]))}"
+            )
         raise FaultScriptError(
             f"{where}: unknown keys {sorted(unknown)} for kind {kind}; "
             f"use {', '.join(sorted(allowed))}"
