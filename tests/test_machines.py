@@ -71,7 +71,8 @@ def test_machines_lists_failures_and_forgets_them(
     capsys.readouterr()
     assert main(cli(db_path)) == 0
     table = capsys.readouterr().out
-    assert "5002" in table and "host offline" in table
+    assert "5002" in table
+    assert "host offline" in table
     assert "5001" not in table
 
     assert main(cli(db_path, "--forget")) == 0
@@ -125,7 +126,7 @@ def run_one_job(config: PoolConfig) -> tuple[JobState, str, int | None]:
     return status.state, status.message, record.machine_id
 
 
-def test_a_later_run_skips_a_remembered_machine(tmp_path: Path) -> None:
+def test_later_run_skips_remembered_machine(tmp_path: Path) -> None:
     with Sandbox(boot_seconds=0.2) as sandbox:
         db_path = tmp_path / "pool.sqlite"
         config = PoolConfig(

@@ -352,9 +352,7 @@ def test_keep_instances_survive_close(make_pool, market, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("market", [30.0], indirect=True)
-def test_boot_timeout_destroys_each_instance_and_tries_other_machines(
-    make_pool, market
-) -> None:
+def test_boot_timeout_tries_other_machines(make_pool, market) -> None:
     pool = make_pool(boot_timeout=0.3)
     status = run(pool, job(1, "true"))
     assert status.state is JobState.FAILED

@@ -46,10 +46,10 @@ _DEFAULT_OFFER_FILTERS: dict[str, dict[str, Any]] = {
 _DESTROY_BACKOFF = 1.0
 _DESTROY_PAUSE_CAP = 16.0
 _DESTROY_PATIENCE = 180.0
-# Seconds between the checks that a destroyed instance is gone; Vast.ai asks
-# for at least 2 s between show calls.
+# Seconds between the checks that a destroyed instance is gone. Vast.ai's
+# API documents a minimum of 2 s between show calls.
 _DESTROY_CONFIRM_PAUSES = (0.0, 2.0, 4.0)
-# cur_state of an instance that no longer holds its machine (after destroy).
+# cur_state of an instance that no longer has its machine (after destroy).
 _GONE_STATES = frozenset({"unloaded", "destroyed"})
 
 

@@ -425,8 +425,8 @@ def run_gc(args: argparse.Namespace) -> int:
         sys.stdout.write("Nothing to destroy.\n")
         return 0
     if not args.verbose:
-        # gc prints each recovery, destroy and failure itself below; the
-        # inventory's log lines would say the same a second time.
+        # gc prints each recovery, destroy and failure itself below, so the
+        # inventory's log lines would repeat them.
         logging.getLogger(inventory.__name__).setLevel(logging.CRITICAL)
     with Store(db_path) as store:
         report = inventory.collect_garbage(

@@ -53,9 +53,9 @@ class BootFailed(PoolError):
     """An instance did not reach ``running`` or could not be prepared.
 
     ``machine_fault`` is True when the machine itself is to blame (a fatal
-    status message, a boot that never finished, SSH that never answered), so
-    that later runs avoid it; False when the cause may lie elsewhere, such as
-    a package that would not install.
+    status message, a boot that never finished, SSH that never accepted a
+    connection), so that later runs avoid it. It is False when the cause may
+    lie elsewhere, such as a package that would not install.
     """
 
     def __init__(

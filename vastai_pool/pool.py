@@ -156,6 +156,9 @@ _COUNTED_STATES = frozenset(
 )
 # API states of an instance whose host, not the job, failed.
 _HOST_DOWN_STATES = frozenset({VastStatus.OFFLINE.value, VastStatus.UNKNOWN.value})
+# Seconds a job waits, at most, when every matching offer is being rented
+# by other jobs of the run, before it searches again.
+_MARKET_BUSY_WAIT = 30.0
 # Placements of one job when its instance is lost before the job starts.
 _PLACEMENTS = 3
 # Seconds ``cancel`` waits for a cancelled job's worker to clean up.
@@ -895,9 +898,10 @@ class Pool:
                 try:
                     connection = self._connection_for(record)
                 except SshError as exc:
+                    explanation = self._explain_loss(record, str(exc))
                     why = (
                         f"warm instance {record.vast_id} cannot be reached "
-                        f"({self._explain_loss(record)}), so job {spec.job_id} "
+                        f"({explanation}), so job {spec.job_id} "
                         f"(rule {spec.rule}) is placed elsewhere: {exc}"
                     )
                     logger.warning("%s", why)
@@ -953,8 +957,11 @@ class Pool:
                     self._renting -= 1
                     self._placement.notify_all()
             if busy:
+                # Woken when a rental ends or an instance turns idle; the
+                # timeout only bounds how stale the next search can be, so
+                # waiting jobs do not search the market every poll.
                 with self._placement:
-                    self._placement.wait(timeout=self.config.poll_interval)
+                    self._placement.wait(timeout=_MARKET_BUSY_WAIT)
                 continue
             self._track(rental.record.pk, rental.connection)
             record = db.get_instance(self.store, rental.record.pk)
@@ -1000,8 +1007,8 @@ class Pool:
         remote = self.api.show_instance(record.vast_id)
         state = "gone" if remote is None else remote.status.value
         with self._jobs_lock:
-            # The first sign of trouble tells most: an offline host is
-            # often removed from the list soon after.
+            # The state at the first drop is kept, because an offline host
+            # is often removed from the list soon after.
             if self._host_states.get(pk) in (None, VastStatus.RUNNING.value):
                 self._host_states[pk] = state
         if state == "gone":
@@ -1109,7 +1116,8 @@ class Pool:
         ):
             why = (
                 f"instance {record.vast_id} was lost before job {spec.job_id} "
-                f"(rule {spec.rule}) started ({self._explain_loss(record)}), so "
+                f"(rule {spec.rule}) started "
+                f"({self._explain_loss(record, result.message)}), so "
                 f"the job is placed again: {result.message}"
             )
             logger.warning("%s", why)
@@ -1135,11 +1143,7 @@ class Pool:
                 instance_state=InstanceState.IDLE,
             )
         elif result.outcome == LeaseOutcome.LOST:
-            explanation = self._explain_loss(record)
-            # The SSH error may already say what the API showed.
-            shown, _, consequence = explanation.partition("; ")
-            if consequence and shown in result.message:
-                explanation = consequence
+            explanation = self._explain_loss(record, result.message)
             result = dataclasses.replace(
                 result,
                 message=f"{result.message}; {explanation}. The instance was "
@@ -1201,11 +1205,13 @@ class Pool:
             state_on_failure=InstanceState.LOST,
         )
 
-    def _explain_loss(self, record: InstanceRecord) -> str:
-        """Say what the API knows about an unreachable instance.
+    def _explain_loss(self, record: InstanceRecord, error: str = "") -> str:
+        """Describe the API's view of an unreachable instance, for a message.
 
-        When its host is offline or unknown (not destroyed from outside), its
-        machine is avoided from now on, in this run and later ones.
+        The API state is left out when ``error`` (the SSH error) already
+        contains it. When the host is offline or unknown (not destroyed from
+        outside), its machine is avoided from now on, in this run and later
+        ones.
         """
         with self._jobs_lock:
             state = self._host_states.get(record.pk)
@@ -1213,22 +1219,20 @@ class Pool:
             try:
                 remote = self.api.show_instance(record.vast_id)
             except PoolError as exc:
-                return f"its state is unknown, the API did not answer: {exc}"
+                return f"its state is unknown because the API did not answer: {exc}"
             state = "gone" if remote is None else remote.status.value
         if state == "gone":
-            return (
-                "Vast.ai no longer lists the instance; it was destroyed "
-                "outside the pool or its host was removed"
-            )
-        if state in _HOST_DOWN_STATES and record.machine_id is not None:
+            shown = "Vast.ai no longer lists the instance"
+            consequence = "it was destroyed outside the pool or its host was removed"
+        elif state in _HOST_DOWN_STATES and record.machine_id is not None:
             self._remember_machine(
                 record.machine_id, record.vast_id, f"host {state}, instance lost"
             )
-            return (
-                f"Vast.ai reports its host {state}; machine {record.machine_id} "
-                "is avoided from now on"
-            )
-        return f"Vast.ai lists it as {state} but SSH does not answer"
+            shown = f"Vast.ai reports its host {state}"
+            consequence = f"machine {record.machine_id} is avoided from now on"
+        else:
+            return f"Vast.ai lists it as {state} but SSH does not answer"
+        return consequence if shown in error else f"{shown}; {consequence}"
 
     def _destroy(
         self,

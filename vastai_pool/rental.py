@@ -380,9 +380,10 @@ def _check_image(
 ) -> None:
     """Raise ``BootFailed`` once the image failed to pull on enough machines.
 
-    "manifest unknown" and "unauthorized" on one machine may be that
-    machine's registry mirror or cache; on several, the image name, tag or
-    registry credentials are wrong, and every further rental would fail.
+    "manifest unknown" and "unauthorized" on one machine may come from that
+    machine's registry mirror or cache. On several machines they mean that
+    the image name, tag or registry credentials are wrong, so every further
+    rental would fail too.
     """
     if exc.image_message is None or offer.machine_id is None:
         return

@@ -77,8 +77,9 @@ PREFETCH_REQUESTS = 64
 SHA256_ARGUMENT_BYTES = 64 * 1024
 
 # A dropped connection is opened again up to this many times, the pauses
-# between the attempts doubling from RECONNECT_DELAY seconds: a host that
-# answers again within about 15 s keeps its job, one that does not is lost.
+# between the attempts doubling from RECONNECT_DELAY seconds. A host that
+# accepts connections again within about 15 s keeps its job; otherwise the
+# job is lost.
 RECONNECT_ATTEMPTS = 5
 RECONNECT_DELAY = 1.0
 # Attempts of one idempotent operation (a transfer, a read) over dropped

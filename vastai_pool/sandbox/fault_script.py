@@ -76,9 +76,9 @@ SFTP_DURING = "sftp"
 
 TARGET_KEYS = ("offer", "gpu_name", "machine", "instance", "route", "method")
 COMMON_KEYS = frozenset({"kind", "rate", "count"})
-# The targets each kind can match on: a create knows its offer, an
-# instance's faults know the instance and its offer, an API request knows
-# its method and path, and a destroy call knows both.
+# The targets each kind can match on. A create has its offer, an instance's
+# faults have the instance and its offer, an API request has its method and
+# path, and a destroy call has both.
 OFFER_TARGETS = frozenset({"offer", "gpu_name", "machine"})
 INSTANCE_TARGETS = OFFER_TARGETS | {"instance"}
 REQUEST_TARGETS = frozenset({"route", "method"})

@@ -30,7 +30,7 @@ class HostBackendError(ValueError):
 
 
 class SshHost(Protocol):
-    """What an instance needs from its SSH server, whichever backend runs it."""
+    """The interface an instance needs from its SSH server, for either backend."""
 
     @property
     def port(self) -> int: ...
@@ -75,7 +75,7 @@ def resolve_hosts(value: str | None, *, state_dir: Path) -> str:
 def create_host(backend: str, config: HostConfig, work_dir: Path) -> SshHost:
     """Build (without starting) the SSH server of one instance.
 
-    ``work_dir`` holds the OpenSSH backend's config, host key, pid file and
+    ``work_dir`` contains the OpenSSH backend's config, host key, pid file and
     log; it must lie outside ``config.home``.
     """
     if backend == OPENSSH:
